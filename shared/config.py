@@ -1,0 +1,57 @@
+"""Settings from `LOCKSTEP_*` environment variables, one small object per concern."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.durations import Duration
+
+
+class BrokerSettings(BaseSettings):
+    """How to reach RabbitMQ."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """The broker URL (LOCKSTEP_AMQP_URL)."""
+    agent_queue_type: Literal["quorum", "classic"] = "quorum"
+    """`classic` for single-node brokers serving very many agents (SPEC 5)."""
+    prefetch: int = Field(default=100, ge=1)
+    """Unacked deliveries per consumer; 100-300 is what RabbitMQ recommends."""
+    connect_timeout: Duration = 10.0
+    """How long a process waits for the broker before giving up."""
+    request_timeout: Duration = 15.0
+    """How long the CLI waits for the coordinator's reply (then exit code 3)."""
+
+
+class CoordinatorSettings(BaseSettings):
+    """The coordinator's protocol timers."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
+
+    heartbeat_interval: Duration = 2.0
+    """How often agents are expected to report (must match the agents' setting)."""
+    lost_after_missed: int = Field(default=3, ge=1)
+    """Missed heartbeats after which an agent counts as lost."""
+    abort_timeout: Duration = 30.0
+    """How long to wait for agents to confirm they discarded an aborted prepare."""
+    revert_timeout: Duration = 120.0
+    """How long to wait for one compensation step."""
+    auto_rollback_window: Duration = 900.0
+    """How long after a release completed an alert may still roll it back."""
+
+
+class AgentSettings(BaseSettings):
+    """The agent's behaviour on its host."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
+
+    heartbeat_interval: Duration = 2.0
+    """How often the agent reports what it runs."""
+    keep_releases: int = Field(default=5, ge=1)
+    """Release dirs kept per service (never the running or a prepared one)."""
+    stop_grace: Duration = 10.0
+    """SIGTERM to SIGKILL grace when stopping a service."""

@@ -1,0 +1,60 @@
+"""The exception tree, grouped by how lockstep reacts to each branch.
+
+- `UserError`: bad input from an operator or integrating system. The CLI turns it
+  into exit code 2 with the field and the reason; the coordinator replies with it.
+- `ProtocolError` (and `DecodeError`): a message we must not act on. The consumer
+  dead-letters it with the reason and keeps running.
+- `TransientError` (and `BrokerUnavailable`): may succeed if retried with backoff;
+  the CLI turns an unreachable coordinator or broker into exit code 3.
+- `PermanentError`: a step that failed for good (a download, a health check); the
+  protocol records it and reacts (NO vote, compensation).
+
+Library errors are translated at the boundary: `raise BrokerUnavailable(...) from e`.
+"""
+
+from __future__ import annotations
+
+
+class LockstepError(Exception):
+    """Root of every error lockstep raises on purpose."""
+
+
+class UserError(LockstepError):
+    """Invalid input: names the field at fault and the reason (exit code 2)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+class ProtocolError(LockstepError):
+    """A message that must not be acted on; it is dead-lettered with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DecodeError(ProtocolError):
+    """Raw bytes that do not decode into a valid envelope (the one decode point)."""
+
+    def __init__(self, raw: bytes, cause: str) -> None:
+        super().__init__(cause)
+        self.raw = raw
+
+
+class TransientError(LockstepError):
+    """A failure that may go away if the operation is retried later."""
+
+
+class BrokerUnavailable(TransientError):
+    """RabbitMQ could not be reached or dropped the connection."""
+
+
+class CoordinatorTimeout(TransientError):
+    """The coordinator did not answer a request before its deadline (exit code 3)."""
+
+
+class PermanentError(LockstepError):
+    """A step that failed for good; the protocol records the reason and reacts."""

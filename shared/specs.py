@@ -1,0 +1,190 @@
+"""The files users write (SPEC 3): service versions, release files and strategies.
+
+Both sides use these models: the CLI and coordinator validate them, and a prepare
+command carries the whole `ServiceVersion` so the agent needs no catalog of its own.
+`load_*` functions turn a TOML file into a model or raise `UserError` naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.durations import Duration
+from shared.errors import UserError
+from shared.versions import parse_constraint, parse_version
+
+NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HealthSpec(_Strict):
+    """How the agent decides a service is healthy (at least one of http/tcp/exec)."""
+
+    http: str | None = None
+    tcp: str | None = None
+    exec: str | None = None
+    interval: Duration = 1.0
+    timeout: Duration = 2.0
+    healthy_after: int = Field(default=3, ge=1)
+    start_deadline: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _one_check(self) -> HealthSpec:
+        if not (self.http or self.tcp or self.exec):
+            raise ValueError("at least one of http, tcp or exec is required")
+        return self
+
+
+class Hooks(_Strict):
+    """Optional shell commands run in the release dir."""
+
+    before_start: str | None = None
+    after_start: str | None = None
+    before_rollback: str | None = None
+
+
+class ServiceVersion(_Strict):
+    """One immutable build of a service (SPEC 3.1)."""
+
+    name: str = Field(pattern=NAME)
+    version: str
+    artifact: str
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    requires: dict[str, str] = Field(default_factory=dict)
+    hosts: dict[str, str] = Field(default_factory=dict)
+    run: str
+    env: dict[str, str] = Field(default_factory=dict)
+    health: HealthSpec
+    hooks: Hooks = Field(default_factory=Hooks)
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, value: str) -> str:
+        parse_version(value)
+        return value
+
+    @field_validator("requires")
+    @classmethod
+    def _constraints(cls, value: dict[str, str]) -> dict[str, str]:
+        for constraint in value.values():
+            parse_constraint(constraint)
+        return value
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact_url(cls, value: str) -> str:
+        if not re.match(r"^(file|https?)://", value):
+            raise ValueError("must be a file://, http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _archive_digest(self) -> ServiceVersion:
+        if self.artifact.endswith((".tar.gz", ".tgz")) and not self.sha256:
+            raise ValueError("sha256 is required for an archive artifact")
+        if self.name in self.requires:
+            raise ValueError("a service cannot require itself")
+        return self
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+
+Percent = str | int
+
+
+class Strategy(_Strict):
+    """How a deployment rolls out (SPEC 3.2); every key is also a `deploy` flag."""
+
+    max_parallel: Percent = "100%"
+    canary: int = Field(default=0, ge=0)
+    canary_bake: Duration = 0.0
+    bake: Duration = 0.0
+    rollback_scope: Literal["dependents", "all"] = "dependents"
+    allow_unavailable: int = Field(default=0, ge=0)
+    prepare_timeout: Duration = 30.0
+    commit_timeout: Duration = 120.0
+
+    @field_validator("max_parallel")
+    @classmethod
+    def _parallel(cls, value: Percent) -> Percent:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("must be at least 1")
+            return value
+        match = re.match(r"^\s*(\d+)\s*(%?)\s*$", value)
+        if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(1)) > 100):
+            raise ValueError(f"{value!r} is not a host count or a percentage such as '50%'")
+        return value if match.group(2) else int(match.group(1))
+
+    def batch_size(self, hosts: int) -> int:
+        """Hosts per batch for a wave of `hosts` hosts."""
+        if isinstance(self.max_parallel, int):
+            return max(1, self.max_parallel)
+        percent = int(self.max_parallel.strip().rstrip("%"))
+        return max(1, (hosts * percent) // 100)
+
+
+class ReleaseFile(_Strict):
+    """`lockstep deploy --file release.toml` (SPEC 3.2)."""
+
+    services: dict[str, str]
+    strategy: Strategy = Field(default_factory=Strategy)
+
+    @field_validator("services")
+    @classmethod
+    def _versions(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("names no service")
+        for version in value.values():
+            parse_version(version)
+        return value
+
+
+def field_of(error: ValidationError) -> tuple[str, str]:
+    """The dotted field path and the reason of the first error in `error`."""
+    first = error.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    reason = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        reason = "unknown key"
+    return path, reason
+
+
+def validate(model: type[_Strict], data: Any, where: str = "") -> Any:
+    """`model` built from `data`, or `UserError` naming `where` and the field at fault."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        path, reason = field_of(e)
+        raise UserError(f"{where}{path}" if path else where.rstrip(": "), reason) from e
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document at `path`, or `UserError` naming the file and the reason."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise UserError(str(path), "no such file") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UserError(str(path), f"not valid TOML: {e}") from e
+
+
+def load_service_version(path: Path) -> ServiceVersion:
+    """The service version described by the TOML file at `path`."""
+    result: ServiceVersion = validate(ServiceVersion, read_toml(path), f"{path}: ")
+    return result
+
+
+def load_release_file(path: Path) -> ReleaseFile:
+    """The release file at `path`."""
+    result: ReleaseFile = validate(ReleaseFile, read_toml(path), f"{path}: ")
+    return result

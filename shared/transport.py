@@ -1,0 +1,329 @@
+"""The broker boundary: the only module that imports aio-pika.
+
+`Broker` connects (robustly), declares the topology of `shared.topology`, publishes
+envelopes with publisher confirms and persistent delivery, consumes with manual acks,
+and makes request/reply calls for the CLI. Inside `consume`, one place decides what
+happens to a delivery: decoded and handled -> ack (after the handler's effect is
+durable, since the handler returns only then); a `ProtocolError` -> dead-lettered to
+`lockstep.dead` with the reason and acked; a `TransientError` -> requeued; anything
+else -> dead-lettered with the error, and the consumer keeps running. Library errors
+become `BrokerUnavailable` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
+
+from shared import log, topology
+from shared.config import BrokerSettings
+from shared.errors import (
+    BrokerUnavailable,
+    CoordinatorTimeout,
+    ProtocolError,
+    TransientError,
+)
+from shared.messages import Body, Envelope, Reply, decode, encode, make
+from shared.signing import sign, verify
+from shared.tasks import TaskGroup
+
+_BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, asyncio.TimeoutError)
+
+
+class Unroutable(TransientError):
+    """A mandatory message had no queue to go to (e.g. an agent that never registered)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A decoded, verified message as a handler sees it."""
+
+    envelope: Envelope
+    exchange: str
+    routing_key: str
+    reply_to: str | None
+    correlation_id: str | None
+    redelivered: bool
+
+
+Handler = Callable[[Delivery], Awaitable[Body | None]]
+"""Handles one delivery; a returned body is sent to `reply_to` before the ack."""
+
+
+class Broker:
+    """One process's connection to RabbitMQ."""
+
+    def __init__(self, settings: BrokerSettings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self._log = log.get("transport", connection=name)
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._queues: list[AbstractQueue] = []  # strong refs: robust objects are weak-held
+        self._tasks = TaskGroup("transport")
+        self._replies: dict[str, asyncio.Future[Envelope]] = {}
+        self._reply_queue: AbstractQueue | None = None
+
+    async def connect(self) -> None:
+        """Connect (robustly: aio-pika reconnects and restores consumers)."""
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.settings.amqp_url,
+                timeout=self.settings.connect_timeout,
+                client_properties={"connection_name": self.name},
+            )
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except _BROKER_ERRORS as e:
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {self._safe_url()}: {e!r}") from e
+
+    def _safe_url(self) -> str:
+        url = self.settings.amqp_url
+        return url.split("@", 1)[-1] if "@" in url else url
+
+    @property
+    def channel(self) -> AbstractChannel:
+        if self._publish_channel is None:
+            raise BrokerUnavailable("not connected")
+        return self._publish_channel
+
+    async def close(self) -> None:
+        await self._tasks.close()
+        if self._connection is not None:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await self._connection.close()
+        self._connection = None
+
+    # --- topology ---------------------------------------------------------------
+
+    async def declare(self, *queues: topology.Queue) -> None:
+        """Declare every exchange, the dead-letter queue and `queues` (idempotent)."""
+        try:
+            for spec in topology.EXCHANGES:
+                self._exchanges[spec.name] = await self.channel.declare_exchange(
+                    spec.name, aio_pika.ExchangeType(spec.type), durable=True
+                )
+            for queue in (topology.dead_queue(), *queues):
+                await self._declare_queue(queue)
+        except _BROKER_ERRORS as e:
+            raise BrokerUnavailable(f"declaring the topology failed: {e!r}") from e
+
+    async def _declare_queue(self, spec: topology.Queue) -> AbstractQueue:
+        queue = await self.channel.declare_queue(
+            spec.name, durable=True, arguments=cast(Any, spec.declare_arguments())
+        )
+        for exchange, key in spec.bindings:
+            await queue.bind(exchange, key)
+        return queue
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        if name not in self._exchanges:
+            self._exchanges[name] = await self.channel.get_exchange(name, ensure=False)
+        return self._exchanges[name]
+
+    # --- publishing -------------------------------------------------------------
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        *,
+        mandatory: bool = False,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm."""
+        message = aio_pika.Message(
+            encode(sign(envelope)),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=envelope.id,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            type=envelope.kind,
+        )
+        await self._publish(exchange, routing_key, message, mandatory)
+
+    async def _publish(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
+    ) -> None:
+        try:
+            target = await self._exchange(exchange) if exchange else self.channel.default_exchange
+            await target.publish(
+                message,
+                routing_key,
+                mandatory=mandatory,
+                timeout=self.settings.connect_timeout,
+            )
+        except aiormq.exceptions.PublishError as e:
+            raise Unroutable(f"no queue for {exchange}/{routing_key}") from e
+        except _BROKER_ERRORS as e:
+            raise BrokerUnavailable(f"publish to {exchange}/{routing_key} failed: {e!r}") from e
+
+    async def dead_letter(self, raw: bytes, reason: str, exchange: str, routing_key: str) -> None:
+        """Send `raw` to `lockstep.dead` with the reason in a header."""
+        headers: dict[str, Any] = {
+            topology.REASON_HEADER: reason[:1000],
+            "x-lockstep-exchange": exchange,
+            "x-lockstep-routing-key": routing_key,
+        }
+        message = aio_pika.Message(
+            raw, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await self._publish(topology.DEAD, "", message, mandatory=False)
+
+    # --- consuming --------------------------------------------------------------
+
+    async def consume(self, queue_name: str, handler: Handler) -> None:
+        """Feed `queue_name` to `handler`, one delivery at a time, in order."""
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        try:
+            channel = await self._connection_or_fail().channel()
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            queue = await channel.get_queue(queue_name, ensure=False)
+            self._queues.append(queue)
+            await queue.consume(inbox.put)
+        except _BROKER_ERRORS as e:
+            raise BrokerUnavailable(f"consuming {queue_name} failed: {e!r}") from e
+        self._tasks.spawn(self._work(inbox, handler), f"consume:{queue_name}", forever=True)
+
+    def _connection_or_fail(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerUnavailable("not connected")
+        return self._connection
+
+    async def _work(self, inbox: asyncio.Queue[AbstractIncomingMessage], handler: Handler) -> None:
+        while True:
+            message = await inbox.get()
+            try:
+                await self._handle(message, handler)
+            except _BROKER_ERRORS as e:
+                # The channel went away mid-ack: the broker redelivers, handlers are idempotent.
+                self._log.warning("consume.ack_lost", error=repr(e))
+
+    async def _handle(self, message: AbstractIncomingMessage, handler: Handler) -> None:
+        try:
+            envelope = decode(message.body)
+            verify(envelope)
+            delivery = Delivery(
+                envelope,
+                message.exchange or "",
+                message.routing_key or "",
+                message.reply_to,
+                message.correlation_id,
+                bool(message.redelivered),
+            )
+            reply = await handler(delivery)
+        except ProtocolError as e:
+            await self._reject(message, e.reason)
+            return
+        except TransientError as e:
+            self._log.warning("consume.retry", error=str(e), message_id=message.message_id)
+            await asyncio.sleep(1.0)
+            await message.nack(requeue=True)
+            return
+        except Exception as e:
+            self._log.exception("consume.handler_failed", message_id=message.message_id)
+            await self._reject(message, f"handler failed: {e!r}")
+            return
+        if reply is not None and message.reply_to:
+            await self.reply(message.reply_to, message.correlation_id, reply)
+        await message.ack()
+
+    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
+        self._log.warning("message.dead_lettered", reason=reason, routing_key=message.routing_key)
+        try:
+            await self.dead_letter(
+                message.body, reason, message.exchange or "", message.routing_key or ""
+            )
+        except (BrokerUnavailable, Unroutable):
+            await message.reject(requeue=False)  # the queue's dead-letter exchange takes it
+            return
+        await message.ack()
+
+    async def reply(self, reply_to: str, correlation_id: str | None, body: Body) -> None:
+        """Answer a request on its `reply_to` queue."""
+        message = aio_pika.Message(
+            encode(make(body, self.name)),
+            content_type="application/json",
+            correlation_id=correlation_id,
+        )
+        await self._publish("", reply_to, message, mandatory=False)
+
+    # --- request/reply (the CLI and other systems) ------------------------------
+
+    async def request(self, routing_key: str, body: Body, wait: float | None = None) -> Reply:
+        """Send a request to the coordinator and wait for its `Reply`."""
+        queue = await self._reply_queue_or_declare()
+        envelope = make(body, self.name)
+        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._replies[envelope.id] = future
+        try:
+            await self.publish(
+                topology.REQUESTS,
+                routing_key,
+                envelope,
+                mandatory=True,
+                reply_to=queue.name,
+                correlation_id=envelope.id,
+            )
+            answer = await asyncio.wait_for(future, wait or self.settings.request_timeout)
+        except Unroutable as e:
+            raise BrokerUnavailable("no coordinator queue: is a coordinator running?") from e
+        except TimeoutError as e:
+            raise CoordinatorTimeout(f"the coordinator did not answer {routing_key}") from e
+        finally:
+            self._replies.pop(envelope.id, None)
+        if not isinstance(answer.body, Reply):
+            raise ProtocolError(f"expected a reply, got {answer.kind}")
+        return answer.body
+
+    async def _reply_queue_or_declare(self) -> AbstractQueue:
+        if self._reply_queue is None:
+            try:
+                queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+                await queue.consume(self._on_reply, no_ack=True)
+            except _BROKER_ERRORS as e:
+                raise BrokerUnavailable(f"cannot open a reply queue: {e!r}") from e
+            self._reply_queue = queue
+        return self._reply_queue
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._replies.get(message.correlation_id or "")
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(decode(message.body))
+        except ProtocolError as e:
+            future.set_exception(e)
+
+    async def subscribe(self, exchange: str, keys: list[str], handler: Handler) -> None:
+        """Consume a temporary queue bound to `exchange` with `keys` (events --follow)."""
+        try:
+            channel = await self._connection_or_fail().channel()
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            for key in keys:
+                await queue.bind(exchange, key)
+        except _BROKER_ERRORS as e:
+            raise BrokerUnavailable(f"cannot subscribe to {exchange}: {e!r}") from e
+        self._queues.append(queue)
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(inbox.put)
+        self._tasks.spawn(self._work(inbox, handler), f"subscribe:{exchange}", forever=True)

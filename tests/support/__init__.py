@@ -1,0 +1,1 @@
+"""Test harness shared by every tier: real RabbitMQ vhosts, real processes, cleanup."""

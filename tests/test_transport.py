@@ -1,0 +1,71 @@
+"""Transport against the real broker: confirms, dead-lettering with a reason, request/reply."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+
+from shared import topology
+from shared.messages import QueryRequest, Reply, make
+from shared.transport import Broker, Delivery
+
+
+async def _dead_letters(amqp_url: str, count: int, timeout: float = 10) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(amqp_url)
+    got = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(topology.DEAD_QUEUE)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(got) < count and asyncio.get_running_loop().time() < deadline:
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            await message.ack()
+            got.append(message)
+    return got
+
+
+async def test_malformed_message_is_dead_lettered_with_reason_and_consumer_keeps_serving(
+    broker: Broker, amqp_url: str
+) -> None:
+    await broker.declare(topology.coordinator_queue())
+
+    async def handler(delivery: Delivery) -> Reply:
+        return Reply(ok=True, data={"echo": delivery.envelope.kind})
+
+    await broker.consume(topology.COORDINATOR_QUEUE, handler)
+    exchange = await broker.channel.get_exchange(topology.REQUESTS)
+    await exchange.publish(aio_pika.Message(b"not json"), "query")
+    await exchange.publish(aio_pika.Message(b'{"kind": "query", "id": "x"}'), "query")
+    dead = await _dead_letters(amqp_url, 2)
+    reasons = [m.headers[topology.REASON_HEADER] for m in dead]
+    assert "Invalid JSON" in str(reasons[0])
+    assert "sender" in str(reasons[1]) or "body" in str(reasons[1])
+    reply = await broker.request("query", QueryRequest(what="status"), wait=5)
+    assert reply.ok
+    assert reply.data == {"echo": "query"}
+
+
+async def test_request_without_coordinator_queue_is_unreachable(broker: Broker) -> None:
+    from shared.errors import BrokerUnavailable
+
+    try:
+        await broker.request("query", QueryRequest(what="status"), wait=2)
+    except BrokerUnavailable as e:
+        assert "coordinator" in str(e)
+    else:
+        raise AssertionError("a request with no coordinator queue must fail")
+
+
+async def test_publish_waits_for_confirm_and_persists(broker: Broker, amqp_url: str) -> None:
+    await broker.declare(topology.agent_queue("h1"))
+    envelope = make(QueryRequest(what="status"), "test")
+    await broker.publish(topology.COMMANDS, topology.host_key("h1"), envelope, mandatory=True)
+    queue = await broker.channel.get_queue(topology.agent_queue_name("h1"))
+    message = await queue.get(timeout=5)
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.message_id == envelope.id
+    await message.ack()
