@@ -159,7 +159,7 @@ def field_of(error: ValidationError) -> tuple[str, str]:
     return path, reason
 
 
-def validate(model: type[_Strict], data: Any, where: str = "") -> Any:
+def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
     """`model` built from `data`, or `UserError` naming `where` and the field at fault."""
     try:
         return model.model_validate(data)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import pytest
 
 from shared import topology
+from shared.errors import BrokerUnavailable
 from shared.messages import QueryRequest, Reply, make
 from shared.transport import Broker, Delivery
 
 
-async def _dead_letters(amqp_url: str, count: int, timeout: float = 10) -> list[aio_pika.abc.AbstractIncomingMessage]:
+async def _dead_letters(
+    amqp_url: str, count: int, timeout: float = 10
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
     connection = await aio_pika.connect(amqp_url)
     got = []
     async with connection:
@@ -50,14 +54,8 @@ async def test_malformed_message_is_dead_lettered_with_reason_and_consumer_keeps
 
 
 async def test_request_without_coordinator_queue_is_unreachable(broker: Broker) -> None:
-    from shared.errors import BrokerUnavailable
-
-    try:
+    with pytest.raises(BrokerUnavailable, match="coordinator"):
         await broker.request("query", QueryRequest(what="status"), wait=2)
-    except BrokerUnavailable as e:
-        assert "coordinator" in str(e)
-    else:
-        raise AssertionError("a request with no coordinator queue must fail")
 
 
 async def test_publish_waits_for_confirm_and_persists(broker: Broker, amqp_url: str) -> None:

@@ -1,0 +1,310 @@
+"""`lockstep`: the console script (SPEC 4).
+
+`lockstep coordinator` and `lockstep agent` run the two processes; every other command
+is a client that sends a request to the coordinator over `lockstep.requests` and
+prints the reply (`--json`: one JSON document on stdout). This is the one module that
+names both sides, because one console script starts either process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from coordinator.cli import render
+from coordinator.cli.client import (
+    EXIT_BAD_INPUT,
+    EXIT_NOT_REACHED,
+    EXIT_OK,
+    ask,
+    call,
+    emit,
+    fail,
+)
+from shared import log
+from shared.config import BrokerSettings, CoordinatorSettings
+from shared.errors import UserError
+from shared.messages import DeployRequest, QueryRequest, RegisterRequest, RollbackRequest
+from shared.specs import Strategy, load_release_file, load_service_version, validate
+from shared.transport import Broker
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Deploy and roll back dependent services across a fleet, all or nothing.",
+)
+
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Wait = Annotated[bool, typer.Option("--wait", help="Follow the deployment to its end.")]
+TERMINAL = {"completed", "aborted", "rolled_back", "failed"}
+
+
+def _run_forever(main: Coroutine[Any, Any, None]) -> None:
+    """Run a server coroutine until SIGTERM or SIGINT."""
+
+    async def runner() -> None:
+        task = asyncio.ensure_future(main)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(runner())
+
+
+@app.command()
+def coordinator(
+    db: Annotated[Path, typer.Option(help="SQLite file.")] = Path("lockstep-coordinator.db"),
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port.")] = None,
+) -> None:
+    """Run the coordinator."""
+    from coordinator.service import serve
+
+    log.setup()
+    _run_forever(serve(db, BrokerSettings(), CoordinatorSettings(), metrics_port))
+
+
+@app.command()
+def agent(
+    host_id: Annotated[str, typer.Option(help="This host's id.")],
+    label: Annotated[list[str] | None, typer.Option(help="k=v label (repeatable).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Where releases and state live.")] = Path(
+        "lockstep-agent"
+    ),
+    driver: Annotated[str, typer.Option(help="process or systemd.")] = "process",
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port.")] = None,
+) -> None:
+    """Run an agent on this host."""
+    from agent.main import run
+
+    log.setup()
+    try:
+        labels = dict(_pair(item, "--label") for item in label or [])
+        run(host_id, labels, state_dir, driver, metrics_port)
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, e.field)
+
+
+def _pair(text: str, where: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise UserError(where, f"{text!r} is not of the form KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+@app.command()
+def register(
+    files: Annotated[list[Path], typer.Argument(help="Service version TOML files.")],
+    as_json: Json = False,
+) -> None:
+    """Add service versions to the catalog."""
+    try:
+        versions = [load_service_version(f) for f in files]
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, e.field, as_json=as_json)
+
+    async def go(broker: Broker) -> int:
+        doc = await ask(broker, "register", RegisterRequest(versions=versions))
+        emit(doc, as_json, render.register)
+        return EXIT_OK
+
+    call(go, as_json=as_json)
+
+
+# --- deploy and plan ------------------------------------------------------------------
+
+Specs = Annotated[list[str] | None, typer.Argument(help="SVC=VERSION pairs.")]
+File = Annotated[Path | None, typer.Option("--file", help="Release file (TOML).")]
+MaxParallel = Annotated[str | None, typer.Option(help="Hosts per batch: count or percentage.")]
+Canary = Annotated[int | None, typer.Option(help="Hosts committed first.")]
+CanaryBake = Annotated[str | None, typer.Option(help="How long canaries must stay healthy.")]
+Bake = Annotated[str | None, typer.Option(help="Watch window after the last commit.")]
+Scope = Annotated[str | None, typer.Option(help="dependents or all.")]
+Unavailable = Annotated[int | None, typer.Option(help="Hosts that may miss prepare.")]
+PrepareTimeout = Annotated[str | None, typer.Option(help="Deadline for votes.")]
+CommitTimeout = Annotated[str | None, typer.Option(help="Deadline for one batch's commits.")]
+
+
+def _request(
+    specs: list[str] | None, file: Path | None, flags: dict[str, Any]
+) -> tuple[dict[str, str], Strategy]:
+    services: dict[str, str] = {}
+    strategy: dict[str, Any] = {}
+    if file is not None:
+        release = load_release_file(file)
+        services.update(release.services)
+        strategy = release.strategy.model_dump(exclude_unset=True)
+    for spec in specs or []:
+        name, version = _pair(spec, "SVC=VERSION")
+        services[name] = version
+    if not services:
+        raise UserError("SVC=VERSION", "name at least one service, or --file")
+    strategy.update({k: v for k, v in flags.items() if v is not None})
+    result: Strategy = validate(Strategy, strategy, "strategy.")
+    validate(DeployRequest, {"services": services}, "")
+    return services, result
+
+
+def _strategy_flags(**flags: Any) -> dict[str, Any]:
+    return flags
+
+
+@app.command()
+def plan(
+    specs: Specs = None,
+    file: File = None,
+    max_parallel: MaxParallel = None,
+    canary: Canary = None,
+    as_json: Json = False,
+) -> None:
+    """Dry run: the resolved version set, its waves and batches, each state checked."""
+    try:
+        services, strategy = _request(specs, file, {"max_parallel": max_parallel, "canary": canary})
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, e.field, as_json=as_json)
+
+    async def go(broker: Broker) -> int:
+        body = DeployRequest(services=services, strategy=strategy, dry_run=True)
+        emit(await ask(broker, "deploy", body), as_json, render.plan)
+        return EXIT_OK
+
+    call(go, as_json=as_json)
+
+
+@app.command()
+def deploy(
+    specs: Specs = None,
+    file: File = None,
+    wait: Wait = False,
+    as_json: Json = False,
+    max_parallel: MaxParallel = None,
+    canary: Canary = None,
+    canary_bake: CanaryBake = None,
+    bake: Bake = None,
+    rollback_scope: Scope = None,
+    allow_unavailable: Unavailable = None,
+    prepare_timeout: PrepareTimeout = None,
+    commit_timeout: CommitTimeout = None,
+) -> None:
+    """Start a deployment (`--wait` follows it to the end)."""
+    flags = {
+        "max_parallel": max_parallel, "canary": canary, "canary_bake": canary_bake,
+        "bake": bake, "rollback_scope": rollback_scope, "allow_unavailable": allow_unavailable,
+        "prepare_timeout": prepare_timeout, "commit_timeout": commit_timeout,
+    }  # fmt: skip
+    try:
+        services, strategy = _request(specs, file, flags)
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, e.field, as_json=as_json)
+
+    async def go(broker: Broker) -> int:
+        doc = await ask(broker, "deploy", DeployRequest(services=services, strategy=strategy))
+        return await _follow(broker, doc, wait, as_json)
+
+    call(go, as_json=as_json)
+
+
+async def _follow(broker: Broker, doc: dict[str, Any], wait: bool, as_json: bool) -> int:
+    """Print an accepted deployment; with `wait`, poll it to its end with live progress."""
+    if not wait:
+        emit(doc, as_json, render.deployment)
+        return EXIT_OK
+    last = ""
+    while doc["state"] not in TERMINAL:
+        line = render.progress(doc)
+        if line != last and not as_json:
+            typer.echo(line)
+            last = line
+        await asyncio.sleep(0.2)
+        query = QueryRequest(what="deployment", deployment_id=doc["deployment_id"])
+        doc = await ask(broker, "query", query)
+    emit(doc, as_json, render.deployment)
+    return EXIT_OK if doc["state"] == "completed" else EXIT_NOT_REACHED
+
+
+@app.command()
+def rollback(
+    to: Annotated[int | None, typer.Option("--to", help="Release id to return to.")] = None,
+    service: Annotated[
+        list[str] | None,
+        typer.Option("--service", help="Only these services (and what must move with them)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Allow --to a release marked bad.")] = False,
+    wait: Wait = False,
+    as_json: Json = False,
+) -> None:
+    """Deploy the last good (or named) release, or roll back only some services."""
+    body = RollbackRequest(to=to, services=service or [], force=force)
+
+    async def go(broker: Broker) -> int:
+        return await _follow(broker, await ask(broker, "rollback", body), wait, as_json)
+
+    call(go, as_json=as_json)
+
+
+# --- read-only views ------------------------------------------------------------------
+
+
+def _query(what: str, as_json: Json, renderer: Any) -> NoReturn:
+    async def go(broker: Broker) -> int:
+        emit(
+            await ask(broker, "query", QueryRequest.model_validate({"what": what})),
+            as_json,
+            renderer,
+        )
+        return EXIT_OK
+
+    call(go, as_json=as_json)
+
+
+@app.command()
+def status(as_json: Json = False) -> None:
+    """Current and desired release; per host, per service: version, health, last seen."""
+    _query("status", as_json, render.status)
+
+
+@app.command()
+def history(as_json: Json = False) -> None:
+    """Releases and deployments, newest first, with outcome and reason."""
+    _query("history", as_json, render.history)
+
+
+@app.command()
+def agents(
+    action: Annotated[str | None, typer.Argument(help="approve")] = None,
+    host: Annotated[str | None, typer.Argument(help="Host to approve.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Hosts, labels, liveness, key state; `agents approve HOST`."""
+    if action is not None:
+        fail(EXIT_BAD_INPUT, "user", "agent keys arrive with signing; nothing to approve yet",
+             "approve", as_json=as_json)  # fmt: skip
+    _query("agents", as_json, render.agents)
+
+
+@app.command()
+def events(
+    follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events.")] = False,
+    as_json: Json = False,
+) -> None:
+    """The deployment event stream."""
+
+    async def go(broker: Broker) -> int:
+        after = 0
+        while True:
+            doc = await ask(broker, "query", QueryRequest(what="events", after=after))
+            for item in doc["events"]:
+                emit(item, as_json, render.event)
+                after = item["seq"]
+            if not follow:
+                return EXIT_OK
+            await asyncio.sleep(0.5)
+
+    call(go, as_json=as_json)

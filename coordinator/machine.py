@@ -1,0 +1,432 @@
+"""The deployment state machine: `step(deployment, event) -> (deployment, actions)`.
+
+Pure: no I/O, no await, no clock. The coordinator loop (coordinator/service.py)
+persists the returned deployment, then performs the actions, then feeds back what
+happens as events. Because the loop persists before it acts, the COMMIT decision is
+durable before any commit is sent (SPEC 6.1 step 3).
+
+Phases: preparing -> committing -> (holding between batches) -> baking -> completed;
+any NO vote or a silent host beyond `allow_unavailable` -> aborting -> aborted; a failed
+commit (or a failure while baking) -> reverting -> rolled_back, or failed when a
+revert fails. Late and duplicate events are ignored, so a message delivered twice
+has its effect once (I5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from shared.specs import Strategy
+
+Key = tuple[str, str]
+"""(host, service): one participant."""
+
+Phase = Literal[
+    "preparing", "committing", "holding", "baking", "reverting", "aborting",
+    "completed", "aborted", "rolled_back", "failed",
+]  # fmt: skip
+TERMINAL: frozenset[str] = frozenset({"completed", "aborted", "rolled_back", "failed"})
+ABORT_WAIT = 30.0
+"""Seconds to wait for agents to confirm an abort before calling it done anyway."""
+
+PPhase = Literal[
+    "preparing", "prepared", "refused", "unavailable", "committing", "committed",
+    "commit_failed", "aborting", "aborted", "reverting", "reverted", "revert_failed",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Participant:
+    host: str
+    service: str
+    version: str
+    from_version: str | None
+    phase: PPhase = "preparing"
+    reason: str = ""
+
+    @property
+    def key(self) -> Key:
+        return (self.host, self.service)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: str
+    strategy: Strategy
+    steps: tuple[tuple[Key, ...], ...]
+    """Commit batches in order (waves, then batches within a wave)."""
+    rank: dict[str, int]
+    """Dependency rank per service: providers lower (reverts go highest first)."""
+    participants: dict[Key, Participant]
+    phase: Phase = "preparing"
+    decision: Literal["commit", "abort"] | None = None
+    reason: str = ""
+    step_index: int = 0
+    failing: bool = False
+    revert_steps: tuple[tuple[Key, ...], ...] = ()
+    revert_index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL
+
+    def with_participant(self, key: Key, **changes: str) -> Deployment:
+        participants = dict(self.participants)
+        participants[key] = replace(participants[key], **changes)  # type: ignore[arg-type]
+        return replace(self, participants=participants)
+
+    def in_phase(self, *phases: str) -> list[Key]:
+        return [k for k, p in self.participants.items() if p.phase in phases]
+
+
+# --- events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    pass
+
+
+@dataclass(frozen=True)
+class Voted:
+    key: Key
+    yes: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StepDone:
+    key: Key
+    step: Literal["commit", "revert", "abort"]
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    timer: str
+    """The token of the timer that fired; stale tokens are ignored."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A failure reported while baking (health, crash loop, alert): compensate."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """The coordinator restarted with this deployment in flight."""
+
+
+Event = Started | Voted | StepDone | TimedOut | Failed | Recovered
+
+# --- actions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    command: Literal["prepare", "commit", "abort", "revert"]
+    keys: tuple[Key, ...]
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    token: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    phase: str
+    reason: str
+
+
+Action = Send | StartTimer | Finished
+
+
+@dataclass
+class _Out:
+    actions: list[Action] = field(default_factory=list)
+
+
+def new(
+    deployment_id: str,
+    strategy: Strategy,
+    steps: list[list[Participant]],
+    rank: dict[str, int],
+) -> Deployment:
+    """A deployment in `preparing`, before anything was sent."""
+    return Deployment(
+        id=deployment_id,
+        strategy=strategy,
+        steps=tuple(tuple(p.key for p in step) for step in steps),
+        rank=dict(rank),
+        participants={p.key: p for step in steps for p in step},
+    )
+
+
+def step(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
+    """The deployment after `event`, and what the loop must do next."""
+    if d.done:
+        return d, []
+    match event:
+        case Started():
+            return _start(d)
+        case Voted():
+            return _voted(d, event)
+        case StepDone():
+            return _step_done(d, event)
+        case TimedOut():
+            return _timed_out(d, event.timer)
+        case Failed():
+            if d.phase in ("baking", "holding", "committing"):
+                return _compensate(replace(d, failing=True), event.reason)
+            return d, []
+        case Recovered():
+            return _recovered(d)
+
+
+def _start(d: Deployment) -> tuple[Deployment, list[Action]]:
+    if not d.participants:
+        return _finish(d, "completed", "nothing to change")
+    keys = tuple(d.participants)
+    return d, [Send("prepare", keys), StartTimer("prepare", d.strategy.prepare_timeout)]
+
+
+def _voted(d: Deployment, e: Voted) -> tuple[Deployment, list[Action]]:
+    p = d.participants.get(e.key)
+    if d.phase != "preparing" or p is None or p.phase != "preparing":
+        return d, []
+    if not e.yes:
+        d = d.with_participant(e.key, phase="refused", reason=e.reason)
+        return _abort(d, f"{p.host} voted NO for {p.service} {p.version}: {e.reason}")
+    d = d.with_participant(e.key, phase="prepared")
+    if d.in_phase("preparing"):
+        return d, []
+    return _commit_first(d)
+
+
+def _commit_first(d: Deployment) -> tuple[Deployment, list[Action]]:
+    steps = tuple(s for s in (_live(d, step) for step in d.steps) if s)
+    if not steps:
+        return _abort(d, "no participant is available")
+    d = replace(d, decision="commit", phase="committing", steps=steps, step_index=0)
+    return _send_step(d)
+
+
+def _live(d: Deployment, keys: tuple[Key, ...]) -> tuple[Key, ...]:
+    return tuple(k for k in keys if d.participants[k].phase != "unavailable")
+
+
+def _send_step(d: Deployment) -> tuple[Deployment, list[Action]]:
+    keys = d.steps[d.step_index]
+    for key in keys:
+        d = d.with_participant(key, phase="committing")
+    d = replace(d, phase="committing")
+    token = f"commit:{d.step_index}"
+    return d, [Send("commit", keys), StartTimer(token, d.strategy.commit_timeout)]
+
+
+def _abort(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
+    keys = tuple(d.in_phase("preparing", "prepared", "refused"))
+    for key in keys:
+        d = d.with_participant(key, phase="aborting")
+    d = replace(d, decision="abort", phase="aborting", reason=reason)
+    if not keys:
+        return _finish(d, "aborted", reason)
+    return d, [Send("abort", keys), StartTimer("abort", ABORT_WAIT)]
+
+
+def _step_done(d: Deployment, e: StepDone) -> tuple[Deployment, list[Action]]:
+    p = d.participants.get(e.key)
+    if p is None:
+        return d, []
+    if e.step == "commit" and p.phase == "committing":
+        d = d.with_participant(
+            e.key, phase="committed" if e.ok else "commit_failed", reason=e.reason
+        )
+        if not e.ok and not d.failing:
+            d = replace(
+                d, failing=True, reason=f"commit failed on {p.host} for {p.service}: {e.reason}"
+            )
+        return _after_commit_result(d)
+    if e.step == "revert" and p.phase == "reverting":
+        d = d.with_participant(
+            e.key, phase="reverted" if e.ok else "revert_failed", reason=e.reason
+        )
+        return _after_revert_result(d)
+    if e.step == "abort" and p.phase == "aborting":
+        d = d.with_participant(e.key, phase="aborted")
+        if d.phase == "aborting" and not d.in_phase("aborting"):
+            return _finish(d, "aborted", d.reason)
+    return d, []
+
+
+def _after_commit_result(d: Deployment) -> tuple[Deployment, list[Action]]:
+    if any(d.participants[k].phase == "committing" for k in d.steps[d.step_index]):
+        return d, []
+    if d.failing:
+        return _compensate(d, d.reason)
+    return _next_step(d)
+
+
+def _next_step(d: Deployment) -> tuple[Deployment, list[Action]]:
+    if d.step_index + 1 >= len(d.steps):
+        if d.strategy.bake > 0:
+            return replace(d, phase="baking"), [StartTimer("bake", d.strategy.bake)]
+        return _finish(d, "completed", "")
+    d = replace(d, step_index=d.step_index + 1)
+    if d.step_index == 1 and d.strategy.canary > 0 and d.strategy.canary_bake > 0:
+        return replace(d, phase="holding"), [StartTimer("hold:1", d.strategy.canary_bake)]
+    return _send_step(d)
+
+
+def _compensate(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
+    """Revert every participant that switched, last batch first, consumers first."""
+    switched = {k for k in d.participants if d.participants[k].phase in _SWITCHED}
+    order: list[tuple[Key, ...]] = []
+    for batch in reversed(d.steps):
+        keys = [k for k in batch if k in switched]
+        for rank in sorted({d.rank.get(k[1], 0) for k in keys}, reverse=True):
+            order.append(tuple(k for k in keys if d.rank.get(k[1], 0) == rank))
+    untouched = tuple(d.in_phase("prepared"))
+    actions: list[Action] = [Send("abort", untouched)] if untouched else []
+    for key in untouched:
+        d = d.with_participant(key, phase="aborted")
+    d = replace(d, phase="reverting", reason=reason, revert_steps=tuple(order), revert_index=0)
+    if not order:
+        return _finish(d, "rolled_back", reason)
+    d, more = _send_revert(d)
+    return d, actions + more
+
+
+_SWITCHED = ("committing", "committed", "commit_failed")
+
+
+def _send_revert(d: Deployment) -> tuple[Deployment, list[Action]]:
+    keys = d.revert_steps[d.revert_index]
+    for key in keys:
+        d = d.with_participant(key, phase="reverting")
+    token = f"revert:{d.revert_index}"
+    return d, [Send("revert", keys), StartTimer(token, d.strategy.commit_timeout)]
+
+
+def _after_revert_result(d: Deployment) -> tuple[Deployment, list[Action]]:
+    if any(d.participants[k].phase == "reverting" for k in d.revert_steps[d.revert_index]):
+        return d, []
+    if d.revert_index + 1 < len(d.revert_steps):
+        return _send_revert(replace(d, revert_index=d.revert_index + 1))
+    failed = d.in_phase("revert_failed")
+    if failed:
+        hosts = ", ".join(f"{h}/{s}" for h, s in failed)
+        return _finish(d, "failed", f"{d.reason}; revert failed on {hosts}")
+    return _finish(d, "rolled_back", d.reason)
+
+
+def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
+    if token == "prepare" and d.phase == "preparing":
+        return _prepare_deadline(d)
+    if token == "abort" and d.phase == "aborting":
+        return _finish(d, "aborted", d.reason)
+    if token == "bake" and d.phase == "baking":
+        return _finish(d, "completed", "")
+    if token == f"hold:{d.step_index}" and d.phase == "holding":
+        return _send_step(d)
+    if token == f"commit:{d.step_index}" and d.phase == "committing":
+        for key in d.steps[d.step_index]:
+            if d.participants[key].phase == "committing":
+                d = d.with_participant(
+                    key, phase="commit_failed", reason="no commit result in time"
+                )
+        if not d.failing:
+            d = replace(d, failing=True, reason="commit timed out")
+        return _compensate(d, d.reason)
+    if token == f"revert:{d.revert_index}" and d.phase == "reverting":
+        for key in d.revert_steps[d.revert_index]:
+            if d.participants[key].phase == "reverting":
+                d = d.with_participant(
+                    key, phase="revert_failed", reason="no revert result in time"
+                )
+        return _after_revert_result(d)
+    return d, []
+
+
+def _prepare_deadline(d: Deployment) -> tuple[Deployment, list[Action]]:
+    silent = d.in_phase("preparing")
+    hosts = sorted({h for h, _ in silent})
+    if len(hosts) > d.strategy.allow_unavailable:
+        return _abort(d, f"prepare timed out: no vote from {', '.join(hosts)}")
+    for key in silent:
+        d = d.with_participant(key, phase="unavailable", reason="no vote before prepare_timeout")
+    return _commit_first(d)
+
+
+def _recovered(d: Deployment) -> tuple[Deployment, list[Action]]:
+    """After a coordinator restart: presumed abort, or re-drive the decision."""
+    if d.decision is None:
+        return _abort(d, "coordinator restarted before deciding (presumed abort)")
+    if d.phase == "aborting":
+        return d, [Send("abort", tuple(d.in_phase("aborting"))), StartTimer("abort", ABORT_WAIT)]
+    if d.phase == "committing":
+        keys = tuple(k for k in d.steps[d.step_index] if d.participants[k].phase == "committing")
+        return d, [
+            Send("commit", keys),
+            StartTimer(f"commit:{d.step_index}", d.strategy.commit_timeout),
+        ]
+    if d.phase == "reverting":
+        keys = tuple(
+            k for k in d.revert_steps[d.revert_index] if d.participants[k].phase == "reverting"
+        )
+        return d, [
+            Send("revert", keys),
+            StartTimer(f"revert:{d.revert_index}", d.strategy.commit_timeout),
+        ]
+    if d.phase == "holding":
+        return d, [StartTimer(f"hold:{d.step_index}", d.strategy.canary_bake)]
+    if d.phase == "baking":
+        return d, [StartTimer("bake", d.strategy.bake)]
+    return d, []
+
+
+def _finish(d: Deployment, phase: Phase, reason: str) -> tuple[Deployment, list[Action]]:
+    return replace(d, phase=phase, reason=reason), [Finished(phase, reason)]
+
+
+def to_dict(d: Deployment) -> dict[str, object]:
+    """JSON-able form of `d`, for the store."""
+    return {
+        "id": d.id,
+        "strategy": d.strategy.model_dump(),
+        "steps": [[list(k) for k in step] for step in d.steps],
+        "rank": d.rank,
+        "participants": [vars(p) for p in d.participants.values()],
+        "phase": d.phase,
+        "decision": d.decision,
+        "reason": d.reason,
+        "step_index": d.step_index,
+        "failing": d.failing,
+        "revert_steps": [[list(k) for k in step] for step in d.revert_steps],
+        "revert_index": d.revert_index,
+    }
+
+
+def from_dict(data: dict[str, Any]) -> Deployment:
+    """The deployment stored as `data` by `to_dict`."""
+    participants = [Participant(**p) for p in data["participants"]]
+    return Deployment(
+        id=data["id"],
+        strategy=Strategy.model_validate(data["strategy"]),
+        steps=tuple(tuple((h, s) for h, s in step) for step in data["steps"]),
+        rank=dict(data["rank"]),
+        participants={p.key: p for p in participants},
+        phase=data["phase"],
+        decision=data["decision"],
+        reason=data["reason"],
+        step_index=data["step_index"],
+        failing=data["failing"],
+        revert_steps=tuple(tuple((h, s) for h, s in step) for step in data["revert_steps"]),
+        revert_index=data["revert_index"],
+    )

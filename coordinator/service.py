@@ -1,0 +1,345 @@
+"""The coordinator process: consumes requests and reports, drives deployments.
+
+Every side effect of the coordinator lives here. A delivery is handled to the end
+(store written) before the transport acks it. Deployments advance only through
+`drive`, which loads the deployment, applies the pure state machine, saves the result
+and then performs the actions: the store always knows at least as much as any agent
+was told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from coordinator import machine, views
+from coordinator.machine import Key
+from coordinator.planner import AgentInfo, plan
+from coordinator.resolver import resolve
+from coordinator.store import Store
+from shared import log, topology
+from shared.config import BrokerSettings, CoordinatorSettings
+from shared.errors import BrokerUnavailable, ProtocolError, UserError
+from shared.messages import (
+    Abort,
+    AgentHello,
+    Alert,
+    Body,
+    Commit,
+    DeployRequest,
+    ErrorInfo,
+    Event,
+    HealthChange,
+    Heartbeat,
+    Prepare,
+    QueryRequest,
+    RegisterRequest,
+    Reply,
+    Revert,
+    RollbackRequest,
+    StepResult,
+    Vote,
+    make,
+)
+from shared.tasks import TaskGroup
+from shared.transport import Broker, Delivery, Unroutable
+
+SENDER = "coordinator"
+
+
+class Coordinator:
+    def __init__(self, db: Path, broker: BrokerSettings, settings: CoordinatorSettings) -> None:
+        self.db_path = db
+        self.settings = settings
+        self.broker = Broker(broker, f"coordinator:{db.name}")
+        self._tasks = TaskGroup("coordinator")
+        self._lock = asyncio.Lock()
+        self._log = log.get("coordinator")
+        self.store: Store
+
+    async def start(self) -> None:
+        self.store = await Store.open(self.db_path)
+        await self.broker.connect()
+        await self.broker.declare(topology.coordinator_queue())
+        for row in await self.store.deployments(in_flight=True):
+            self._log.info("deployment.recovering", deployment_id=row["deployment_id"])
+            await self.drive(row["deployment_id"], machine.Recovered())
+        await self.broker.consume(topology.COORDINATOR_QUEUE, self.handle)
+        self._log.info("coordinator.started", db=str(self.db_path))
+
+    async def stop(self) -> None:
+        await self._tasks.close()
+        await self.broker.close()
+        await self.store.close()
+
+    @property
+    def lost_after(self) -> float:
+        return self.settings.heartbeat_interval * self.settings.lost_after_missed
+
+    # --- one delivery ---------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> Body | None:
+        body = delivery.envelope.body
+        try:
+            return await self._dispatch(delivery, body)
+        except UserError as e:
+            if not delivery.reply_to:
+                raise ProtocolError(str(e)) from e
+            return Reply(ok=False, error=ErrorInfo(kind="user", field=e.field, reason=e.reason))
+
+    async def _dispatch(self, delivery: Delivery, body: Body) -> Body | None:
+        match body:
+            case RegisterRequest():
+                return Reply(ok=True, data={"versions": await self.store.register(body.versions)})
+            case DeployRequest():
+                return await self.deploy(
+                    delivery.envelope.id, body.services, body.strategy, dry_run=body.dry_run
+                )
+            case RollbackRequest():
+                raise UserError("rollback", "rollback is not available yet")
+            case QueryRequest():
+                return Reply(ok=True, data=await self.query(body))
+            case AgentHello() | Heartbeat():
+                await self._agent_report(body)
+            case Vote():
+                await self.drive(
+                    body.deployment_id,
+                    machine.Voted((body.host_id, body.service), body.yes, body.reason),
+                )
+            case StepResult():
+                await self.store.agent_service(body.host_id, body.service, body.running)
+                event = machine.StepDone(
+                    (body.host_id, body.service), body.step, body.ok, body.reason
+                )
+                await self.drive(body.deployment_id, event)
+            case HealthChange() | Alert():
+                await self.store.add_events(None, [(body.KIND, body.model_dump())])
+            case _:
+                raise ProtocolError(f"kind: {delivery.envelope.kind} is not for the coordinator")
+        return None
+
+    async def _agent_report(self, body: AgentHello | Heartbeat) -> None:
+        labels = body.labels if isinstance(body, AgentHello) else None
+        services = [s.model_dump() for s in body.services]
+        if await self.store.agent_seen(body.host_id, services, labels):
+            await self._emit(None, "agent.registered", {"host_id": body.host_id, "labels": labels})
+
+    # --- requests ---------------------------------------------------------------------
+
+    async def query(self, body: QueryRequest) -> dict[str, Any]:
+        now = time.time()
+        if body.what == "status":
+            release_id, services = await self.store.current_release()
+            return views.status(
+                release_id,
+                services,
+                await self.store.deployments(in_flight=True),
+                await self.store.agents(),
+                now,
+                self.lost_after,
+            )
+        if body.what == "history":
+            return views.history(await self.store.deployments(), await self.store.releases())
+        if body.what == "agents":
+            return views.agents(await self.store.agents(), now, self.lost_after)
+        if body.what == "events":
+            return {"events": await self.store.events(body.after)}
+        row = await self.store.deployment(body.deployment_id or "")
+        if row is None:
+            raise UserError("deployment_id", f"no deployment {body.deployment_id!r}")
+        return views.deployment(row)
+
+    async def deploy(
+        self,
+        request_id: str,
+        services: dict[str, str],
+        strategy: Any,
+        *,
+        dry_run: bool = False,
+        trigger: str = "operator",
+    ) -> Reply:
+        """Resolve, plan and durably accept a deployment, then start it."""
+        earlier = await self.store.deployment_by_request(request_id)
+        if earlier is not None:
+            return Reply(ok=True, data=views.deployment(earlier))
+        catalog = await self.store.catalog()
+        release_id, current = await self.store.current_release()
+        target = resolve(current, services, catalog)
+        agent_rows = await self.store.agents()
+        now = time.time()
+        live = [
+            AgentInfo(a["host_id"], a["labels"], views.alive(a, now, self.lost_after))
+            for a in agent_rows
+        ]
+        running = {
+            a["host_id"]: {s["service"]: s["version"] for s in a["services"]} for a in agent_rows
+        }
+        the_plan = plan(current, target, catalog, live, strategy, running)
+        if dry_run:
+            return Reply(ok=True, data={"services": target, "plan": the_plan.to_dict()})
+        await self._refuse_overlap(the_plan.changed)
+        deployment_id = uuid.uuid4().hex[:12]
+        steps = [
+            [machine.Participant(p.host, p.service, p.version, p.from_version) for p in batch]
+            for wave in the_plan.waves
+            for batch in wave.batches
+        ]
+        state = machine.new(deployment_id, strategy, steps, dict(the_plan.rank))
+        await self.store.create_deployment(
+            deployment_id=deployment_id,
+            request_id=request_id,
+            trigger=trigger,
+            target=target,
+            from_release_id=release_id,
+            plan=the_plan.to_dict(),
+            machine=machine.to_dict(state),
+            new_release=bool(the_plan.changed),
+        )
+        self._tasks.spawn(self.drive(deployment_id, machine.Started()), f"start:{deployment_id}")
+        row = await self.store.deployment(deployment_id)
+        assert row is not None
+        return Reply(ok=True, data=views.deployment(row))
+
+    async def _refuse_overlap(self, changed: tuple[str, ...]) -> None:
+        for row in await self.store.deployments(in_flight=True):
+            touched = {p["service"] for p in row["machine"]["participants"]}
+            overlap = sorted(touched & set(changed))
+            if overlap:
+                raise UserError(
+                    "services",
+                    f"deployment {row['deployment_id']} is in flight for "
+                    f"{', '.join(overlap)}; wait for it to end",
+                )
+
+    # --- the deployment loop ------------------------------------------------------------
+
+    async def drive(self, deployment_id: str, event: machine.Event) -> None:
+        """Apply `event` to a deployment: persist the new state, then act on it."""
+        follow_ups: list[machine.Event] = []
+        async with self._lock:
+            row = await self.store.deployment(deployment_id)
+            if row is None:
+                self._log.warning("deployment.unknown", deployment_id=deployment_id)
+                return
+            before = machine.from_dict(row["machine"])
+            after, actions = machine.step(before, event)
+            if after == before and not actions:
+                return
+            events: list[tuple[str, dict[str, Any]]] = (
+                [] if after.phase == before.phase else [(f"deployment.{after.phase}", {})]
+            )
+            await self.store.save_deployment(machine.to_dict(after), events)
+            for action in actions:
+                follow_ups += await self._perform(row, after, action)
+            if after.phase != before.phase:
+                await self._emit_deployment(deployment_id)
+        for follow_up in follow_ups:
+            await self.drive(deployment_id, follow_up)
+
+    async def _perform(
+        self, row: dict[str, Any], d: machine.Deployment, action: machine.Action
+    ) -> list[machine.Event]:
+        match action:
+            case machine.Send():
+                return await self._send(row, d, action)
+            case machine.StartTimer():
+                self._tasks.spawn(self._timer(d.id, action), f"timer:{d.id}:{action.token}")
+            case machine.Finished():
+                self._log.info(
+                    "deployment.finished",
+                    deployment_id=d.id,
+                    state=action.phase,
+                    reason=action.reason,
+                )
+        return []
+
+    async def _timer(self, deployment_id: str, timer: machine.StartTimer) -> None:
+        await asyncio.sleep(timer.seconds)
+        await self.drive(deployment_id, machine.TimedOut(timer.token))
+
+    async def _send(
+        self, row: dict[str, Any], d: machine.Deployment, send: machine.Send
+    ) -> list[machine.Event]:
+        catalog = await self.store.catalog()
+        bodies = [self._command(d, send.command, key, catalog) for key in send.keys]
+        results = await asyncio.gather(
+            *(
+                self._publish_command(key[0], body)
+                for key, body in zip(send.keys, bodies, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        failed: list[machine.Event] = []
+        for key, result in zip(send.keys, results, strict=True):
+            if isinstance(result, Unroutable | BrokerUnavailable):
+                self._log.warning(
+                    "command.unsent",
+                    deployment_id=d.id,
+                    host_id=key[0],
+                    service=key[1],
+                    command=send.command,
+                    error=str(result),
+                )
+                if send.command == "prepare":
+                    failed.append(machine.Voted(key, False, f"host unreachable: {result}"))
+            elif isinstance(result, BaseException):
+                raise result
+        return failed
+
+    def _command(
+        self, d: machine.Deployment, command: str, key: Key, catalog: dict[Any, Any]
+    ) -> Body:
+        p = d.participants[key]
+        if command == "prepare":
+            return Prepare(
+                deployment_id=d.id,
+                spec=catalog[(p.service, p.version)],
+                from_version=p.from_version,
+            )
+        if command == "commit":
+            return Commit(deployment_id=d.id, service=p.service, version=p.version)
+        if command == "abort":
+            return Abort(deployment_id=d.id, service=p.service)
+        to = catalog.get((p.service, p.from_version)) if p.from_version else None
+        return Revert(deployment_id=d.id, service=p.service, to=to)
+
+    async def _publish_command(self, host: str, body: Body) -> None:
+        envelope = make(body, SENDER)
+        await self.broker.publish(
+            topology.COMMANDS, topology.host_key(host), envelope, mandatory=True
+        )
+
+    # --- events for other systems ---------------------------------------------------------
+
+    async def _emit_deployment(self, deployment_id: str) -> None:
+        row = await self.store.deployment(deployment_id)
+        if row is not None:
+            doc = views.deployment(row)
+            await self._publish_event(f"deployment.{doc['state']}", doc)
+
+    async def _emit(self, deployment_id: str | None, kind: str, data: dict[str, Any]) -> None:
+        await self.store.add_events(deployment_id, [(kind, data)])
+        await self._publish_event(kind, data)
+
+    async def _publish_event(self, kind: str, data: dict[str, Any]) -> None:
+        try:
+            await self.broker.publish(
+                topology.EVENTS, topology.event_key(kind), make(Event(type=kind, data=data), SENDER)
+            )
+        except BrokerUnavailable as e:
+            self._log.warning("event.unpublished", type=kind, error=str(e))
+
+
+async def serve(
+    db: Path, broker: BrokerSettings, settings: CoordinatorSettings, metrics_port: int | None = None
+) -> None:
+    """Run a coordinator until cancelled (SIGTERM/SIGINT)."""
+    coordinator = Coordinator(db, broker, settings)
+    await coordinator.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await coordinator.stop()

@@ -1,0 +1,313 @@
+"""The coordinator's durable state (aiosqlite): catalog, releases, deployments, agents, events.
+
+The only coordinator module that imports aiosqlite. WAL with `synchronous=FULL`: a
+deployment row carries the protocol state (votes, the decision), and the loop saves it
+before sending anything that depends on it. Each public method is one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from shared.errors import UserError
+from shared.specs import ServiceVersion
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS catalog (
+    name TEXT NOT NULL, version TEXT NOT NULL, spec TEXT NOT NULL, digest TEXT NOT NULL,
+    registered_at REAL NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, services TEXT NOT NULL, state TEXT NOT NULL,
+    created_at REAL NOT NULL, deployment_id TEXT);
+CREATE TABLE IF NOT EXISTS fleet (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS deployments (
+    id TEXT PRIMARY KEY, request_id TEXT UNIQUE, release_id INTEGER, from_release_id INTEGER,
+    trigger TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    services TEXT NOT NULL, plan TEXT NOT NULL, machine TEXT NOT NULL,
+    started_at REAL NOT NULL, ended_at REAL);
+CREATE TABLE IF NOT EXISTS agents (
+    host_id TEXT PRIMARY KEY, labels TEXT NOT NULL, services TEXT NOT NULL,
+    last_seen REAL NOT NULL, first_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, type TEXT NOT NULL,
+    deployment_id TEXT, data TEXT NOT NULL);
+"""
+
+RELEASE_STATE = {"completed": "good", "aborted": "aborted", "rolled_back": "bad", "failed": "bad"}
+
+
+def digest(spec: ServiceVersion) -> str:
+    """Content digest of a service version (identical re-registration is a no-op)."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        db = await aiosqlite.connect(path)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        return cls(db)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _rows(self, sql: str, *args: Any) -> list[aiosqlite.Row]:
+        async with self._db.execute(sql, args) as cursor:
+            return list(await cursor.fetchall())
+
+    # --- catalog ------------------------------------------------------------------
+
+    async def catalog(self) -> dict[tuple[str, str], ServiceVersion]:
+        rows = await self._rows("SELECT spec FROM catalog")
+        specs = [ServiceVersion.model_validate_json(r["spec"]) for r in rows]
+        return {s.key: s for s in specs}
+
+    async def register(self, versions: list[ServiceVersion]) -> list[dict[str, str]]:
+        """Add `versions` all or none; identical ones are no-ops, changed ones refused."""
+        known = {
+            (r["name"], r["version"]): r["digest"]
+            for r in await self._rows("SELECT name, version, digest FROM catalog")
+        }
+        results, new = [], []
+        for i, spec in enumerate(versions):
+            existing = known.get(spec.key)
+            if existing is None:
+                new.append(spec)
+                known[spec.key] = digest(spec)
+                results.append({"name": spec.name, "version": spec.version, "result": "added"})
+            elif existing == digest(spec):
+                results.append({"name": spec.name, "version": spec.version, "result": "unchanged"})
+            else:
+                raise UserError(
+                    f"versions[{i}]",
+                    f"{spec.name} {spec.version} is already registered with different content; "
+                    "versions are immutable: register a new version",
+                )
+        now = time.time()
+        await self._db.executemany(
+            "INSERT INTO catalog VALUES (?, ?, ?, ?, ?)",
+            [(s.name, s.version, s.model_dump_json(), digest(s), now) for s in new],
+        )
+        await self._db.commit()
+        return results
+
+    # --- releases and fleet ---------------------------------------------------------
+
+    async def current_release(self) -> tuple[int | None, dict[str, str]]:
+        rows = await self._rows("SELECT value FROM fleet WHERE key = 'current_release_id'")
+        if not rows:
+            return None, {}
+        release_id = int(rows[0]["value"])
+        release = await self._rows("SELECT services FROM releases WHERE id = ?", release_id)
+        return release_id, json.loads(release[0]["services"])
+
+    async def releases(self) -> list[dict[str, Any]]:
+        rows = await self._rows("SELECT * FROM releases ORDER BY id DESC")
+        return [
+            {
+                "release_id": r["id"],
+                "services": json.loads(r["services"]),
+                "state": r["state"],
+                "created_at": r["created_at"],
+                "deployment_id": r["deployment_id"],
+            }
+            for r in rows
+        ]
+
+    # --- deployments ----------------------------------------------------------------
+
+    async def create_deployment(
+        self,
+        *,
+        deployment_id: str,
+        request_id: str,
+        trigger: str,
+        target: dict[str, str],
+        from_release_id: int | None,
+        plan: dict[str, Any],
+        machine: dict[str, Any],
+        new_release: bool,
+    ) -> None:
+        """Record an accepted deployment (and its release) in one transaction."""
+        now = time.time()
+        release_id = from_release_id
+        if new_release:
+            cursor = await self._db.execute(
+                "INSERT INTO releases (services, state, created_at, deployment_id) "
+                "VALUES (?, 'pending', ?, ?)",
+                (json.dumps(target, sort_keys=True), now, deployment_id),
+            )
+            release_id = cursor.lastrowid
+        await self._db.execute(
+            "INSERT INTO deployments (id, request_id, release_id, from_release_id, trigger, "
+            "state, services, plan, machine, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                deployment_id,
+                request_id,
+                release_id,
+                from_release_id,
+                trigger,
+                machine["phase"],
+                json.dumps(target, sort_keys=True),
+                json.dumps(plan),
+                json.dumps(machine),
+                now,
+            ),
+        )
+        await self._db.commit()
+
+    async def save_deployment(
+        self, machine: dict[str, Any], events: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Persist the machine state (and, when it ended, the release outcome) with its events."""
+        phase = machine["phase"]
+        ended = time.time() if phase in RELEASE_STATE else None
+        await self._db.execute(
+            "UPDATE deployments SET machine = ?, state = ?, reason = ?, ended_at = ? WHERE id = ?",
+            (json.dumps(machine), phase, machine["reason"], ended, machine["id"]),
+        )
+        if ended is not None:
+            await self._finish_release(machine["id"], phase)
+        await self._add_events(machine["id"], events)
+        await self._db.commit()
+
+    async def _finish_release(self, deployment_id: str, phase: str) -> None:
+        rows = await self._rows(
+            "SELECT release_id, from_release_id FROM deployments WHERE id = ?", deployment_id
+        )
+        release_id, from_id = rows[0]["release_id"], rows[0]["from_release_id"]
+        if release_id is None or release_id == from_id:
+            return
+        await self._db.execute(
+            "UPDATE releases SET state = ? WHERE id = ?", (RELEASE_STATE[phase], release_id)
+        )
+        if phase == "completed":
+            await self._db.execute(
+                "INSERT INTO fleet VALUES ('current_release_id', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(release_id),),
+            )
+
+    async def deployment(self, deployment_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id)
+        return _deployment(rows[0]) if rows else None
+
+    async def deployment_by_request(self, request_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("SELECT * FROM deployments WHERE request_id = ?", request_id)
+        return _deployment(rows[0]) if rows else None
+
+    async def deployments(
+        self, *, in_flight: bool = False, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        where = "WHERE ended_at IS NULL" if in_flight else ""
+        rows = await self._rows(
+            f"SELECT * FROM deployments {where} ORDER BY started_at DESC, rowid DESC LIMIT ?", limit
+        )
+        return [_deployment(r) for r in rows]
+
+    # --- agents -------------------------------------------------------------------
+
+    async def agent_seen(
+        self, host_id: str, services: list[dict[str, Any]], labels: dict[str, str] | None = None
+    ) -> bool:
+        """Record a report from `host_id`; True if the host was not known before."""
+        now = time.time()
+        rows = await self._rows("SELECT labels FROM agents WHERE host_id = ?", host_id)
+        if rows and labels is None:
+            labels = json.loads(rows[0]["labels"])
+        await self._db.execute(
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
+            "labels = excluded.labels, services = excluded.services, "
+            "last_seen = excluded.last_seen",
+            (host_id, json.dumps(labels or {}), json.dumps(services), now, now),
+        )
+        await self._db.commit()
+        return not rows
+
+    async def agent_service(self, host_id: str, service: str, version: str | None) -> None:
+        """Record what a step result says `host_id` now runs for `service`."""
+        rows = await self._rows("SELECT services FROM agents WHERE host_id = ?", host_id)
+        if not rows:
+            return
+        services = [s for s in json.loads(rows[0]["services"]) if s["service"] != service]
+        if version is not None:
+            services.append({"service": service, "version": version, "health": "healthy"})
+        await self._db.execute(
+            "UPDATE agents SET services = ? WHERE host_id = ?",
+            (json.dumps(sorted(services, key=lambda s: s["service"])), host_id),
+        )
+        await self._db.commit()
+
+    async def agents(self) -> list[dict[str, Any]]:
+        rows = await self._rows("SELECT * FROM agents ORDER BY host_id")
+        return [
+            {
+                "host_id": r["host_id"],
+                "labels": json.loads(r["labels"]),
+                "services": json.loads(r["services"]),
+                "last_seen": r["last_seen"],
+            }
+            for r in rows
+        ]
+
+    # --- events -------------------------------------------------------------------
+
+    async def _add_events(
+        self, deployment_id: str | None, events: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        now = time.time()
+        await self._db.executemany(
+            "INSERT INTO events (ts, type, deployment_id, data) VALUES (?, ?, ?, ?)",
+            [(now, kind, deployment_id, json.dumps(data)) for kind, data in events],
+        )
+
+    async def add_events(
+        self, deployment_id: str | None, events: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        await self._add_events(deployment_id, events)
+        await self._db.commit()
+
+    async def events(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", after, limit
+        )
+        return [
+            {
+                "seq": r["seq"],
+                "ts": r["ts"],
+                "type": r["type"],
+                "deployment_id": r["deployment_id"],
+                "data": json.loads(r["data"]),
+            }
+            for r in rows
+        ]
+
+
+def _deployment(row: aiosqlite.Row) -> dict[str, Any]:
+    return {
+        "deployment_id": row["id"],
+        "request_id": row["request_id"],
+        "release_id": row["release_id"],
+        "from_release_id": row["from_release_id"],
+        "trigger": row["trigger"],
+        "state": row["state"],
+        "reason": row["reason"],
+        "services": json.loads(row["services"]),
+        "plan": json.loads(row["plan"]),
+        "machine": json.loads(row["machine"]),
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+    }

@@ -1,0 +1,108 @@
+"""The JSON documents the coordinator answers queries with (SPEC 4 `--json` fields).
+
+Pure functions from store rows to documents; the CLI prints these as they are with
+`--json`, or renders them as text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator import machine
+
+
+def alive(agent: dict[str, Any], now: float, lost_after: float) -> bool:
+    return bool(now - agent["last_seen"] <= lost_after)
+
+
+def deployment(row: dict[str, Any]) -> dict[str, Any]:
+    """One deployment with its participants (what `deploy --wait --json` prints)."""
+    state = machine.from_dict(row["machine"])
+    participants = [
+        {
+            "host": p.host,
+            "service": p.service,
+            "version": p.version,
+            "from_version": p.from_version,
+            "state": p.phase,
+            "reason": p.reason,
+        }
+        for p in sorted(state.participants.values(), key=lambda p: (p.host, p.service))
+    ]
+    return {
+        "deployment_id": row["deployment_id"],
+        "release_id": row["release_id"],
+        "from_release_id": row["from_release_id"],
+        "state": row["state"],
+        "reason": row["reason"],
+        "trigger": row["trigger"],
+        "services": row["services"],
+        "participants": participants,
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+    }
+
+
+def history(rows: list[dict[str, Any]], releases: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = (
+        "deployment_id",
+        "release_id",
+        "from_release_id",
+        "state",
+        "trigger",
+        "reason",
+        "services",
+        "started_at",
+        "ended_at",
+    )
+    return {
+        "deployments": [{k: r[k] for k in keys} for r in rows],
+        "releases": releases,
+    }
+
+
+def agents(rows: list[dict[str, Any]], now: float, lost_after: float) -> dict[str, Any]:
+    return {
+        "agents": [
+            {
+                "host_id": a["host_id"],
+                "labels": a["labels"],
+                "state": "alive" if alive(a, now, lost_after) else "lost",
+                "key_state": "unsigned",
+                "last_seen": a["last_seen"],
+                "services": a["services"],
+            }
+            for a in rows
+        ]
+    }
+
+
+def status(
+    release_id: int | None,
+    services: dict[str, str],
+    in_flight: list[dict[str, Any]],
+    agent_rows: list[dict[str, Any]],
+    now: float,
+    lost_after: float,
+) -> dict[str, Any]:
+    desired = in_flight[0]["release_id"] if in_flight else release_id
+    hosts = [
+        {
+            "host_id": a["host_id"],
+            "alive": alive(a, now, lost_after),
+            "labels": a["labels"],
+            "last_seen": a["last_seen"],
+            "services": [
+                {"service": s["service"], "version": s["version"], "health": s["health"]}
+                for s in a["services"]
+            ],
+        }
+        for a in agent_rows
+    ]
+    return {
+        "release_id": release_id,
+        "desired_release_id": desired,
+        "services": services,
+        "deployments_in_flight": [r["deployment_id"] for r in in_flight],
+        "hosts": hosts,
+    }
