@@ -20,7 +20,7 @@ from coordinator.machine import Key
 from coordinator.planner import AgentInfo, plan
 from coordinator.resolver import resolve
 from coordinator.store import Store
-from shared import log, topology
+from shared import log, metrics, topology
 from shared.config import BrokerSettings, CoordinatorSettings
 from shared.errors import BrokerUnavailable, ProtocolError, UserError
 from shared.messages import (
@@ -248,6 +248,7 @@ class Coordinator:
             case machine.StartTimer():
                 self._tasks.spawn(self._timer(d.id, action), f"timer:{d.id}:{action.token}")
             case machine.Finished():
+                metrics.DEPLOYMENTS.labels(action.phase).inc()
                 self._log.info(
                     "deployment.finished",
                     deployment_id=d.id,
@@ -338,6 +339,7 @@ async def serve(
 ) -> None:
     """Run a coordinator until cancelled (SIGTERM/SIGINT)."""
     coordinator = Coordinator(db, broker, settings)
+    metrics.serve(metrics_port)
     await coordinator.start()
     try:
         await asyncio.Event().wait()

@@ -29,7 +29,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 
-from shared import log, topology
+from shared import log, metrics, topology
 from shared.config import BrokerSettings
 from shared.errors import (
     BrokerUnavailable,
@@ -246,9 +246,11 @@ class Broker:
         if reply is not None and message.reply_to:
             await self.reply(message.reply_to, message.correlation_id, reply)
         await message.ack()
+        metrics.HANDLED.labels(envelope.kind).inc()
 
     async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
         self._log.warning("message.dead_lettered", reason=reason, routing_key=message.routing_key)
+        metrics.DEAD_LETTERED.labels(message.routing_key or "").inc()
         try:
             await self.dead_letter(
                 message.body, reason, message.exchange or "", message.routing_key or ""

@@ -1,0 +1,28 @@
+"""Fixtures for the end-to-end tier: a real fleet per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+from tests.support.procs import Procs
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, lockstep_env, procs)
+    f.start_coordinator()
+    yield f
+
+
+@pytest.fixture
+def three_hosts(fleet: Fleet) -> Fleet:
+    """payments on host-a and host-c, orders on host-b and host-c (host-c runs both)."""
+    fleet.add_host("host-a", pay="yes")
+    fleet.add_host("host-b", web="yes")
+    fleet.add_host("host-c", pay="yes", web="yes")
+    fleet.wait_alive("host-a", "host-b", "host-c")
+    return fleet

@@ -1,0 +1,190 @@
+"""A real fleet for end-to-end tests: a `lockstep coordinator` and `lockstep agent`
+processes in the test's own vhost, driven through the real CLI.
+
+Facts are read from where they live: each service process is asked its `/version`
+over HTTP, each host's `current` symlink is read from disk, switch timestamps come
+from the agent's own SQLite store, and the coordinator's view from `status --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.artifacts import build_artifact, free_port, service_toml
+from tests.support.procs import Procs, kill_group, wait_until
+
+LOCKSTEP = str(Path(sys.executable).parent / "lockstep")
+SERVICES = ("orders", "payments")
+
+
+@dataclass
+class Result:
+    code: int
+    doc: Any
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Host:
+    host_id: str
+    labels: dict[str, str]
+    state_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+
+class Fleet:
+    def __init__(self, root: Path, env: dict[str, str], procs: Procs) -> None:
+        self.root = root
+        self.env = env
+        self.procs = procs
+        self.hosts: dict[str, Host] = {}
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.artifacts = root / "artifacts"
+        self.specs = root / "specs"
+
+    # --- processes ----------------------------------------------------------------
+
+    def start_coordinator(self) -> None:
+        self.coordinator = self.procs.start(
+            [LOCKSTEP, "coordinator", "--db", str(self.root / "coordinator.db")],
+            env=self.env,
+            log=self.root / "coordinator.log",
+        )
+        wait_until(lambda: self.cli("status", "--json").code == 0, 20, "the coordinator to answer")
+
+    def kill_coordinator(self) -> None:
+        assert self.coordinator is not None
+        kill_group(self.coordinator.pid, signal.SIGKILL)
+        self.coordinator.wait(10)
+
+    def add_host(self, host_id: str, **labels: str) -> Host:
+        ports = {s: free_port() for s in SERVICES}
+        all_labels = {**labels, **{f"{s}_port": str(p) for s, p in ports.items()}}
+        host = Host(host_id, all_labels, self.root / host_id, ports=ports)
+        self.hosts[host_id] = host
+        self.start_agent(host_id)
+        return host
+
+    def start_agent(self, host_id: str) -> None:
+        host = self.hosts[host_id]
+        args = [LOCKSTEP, "agent", "--host-id", host_id, "--state-dir", str(host.state_dir)]
+        for key, value in host.labels.items():
+            args += ["--label", f"{key}={value}"]
+        host.proc = self.procs.start(args, env=self.env, log=self.root / f"{host_id}.log")
+
+    def kill_agent(self, host_id: str) -> None:
+        proc = self.hosts[host_id].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)  # the agent alone, not its services
+        proc.wait(10)
+
+    def wait_alive(self, *host_ids: str, timeout: float = 20) -> None:
+        def alive() -> bool:
+            result = self.cli("agents", "--json")
+            if result.code != 0:
+                return False
+            states = {a["host_id"]: a["state"] for a in result.doc["agents"]}
+            return all(states.get(h) == "alive" for h in host_ids)
+
+        wait_until(alive, timeout, f"agents {host_ids} alive")
+
+    # --- the CLI ------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 120) -> Result:
+        done = subprocess.run(
+            [LOCKSTEP, *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        doc = None
+        if "--json" in args and done.stdout.strip():
+            doc = json.loads(done.stdout)
+        return Result(done.returncode, doc, done.stdout, done.stderr)
+
+    def register(
+        self,
+        name: str,
+        version: str,
+        *,
+        requires: dict[str, str] | None = None,
+        hosts: dict[str, str] | None = None,
+        fail_health: bool = False,
+        sha256: str | None = None,
+    ) -> Path:
+        path, digest = build_artifact(self.artifacts, name, version, fail_health=fail_health)
+        text = service_toml(name, version, path, sha256 or digest, requires=requires, hosts=hosts)
+        self.specs.mkdir(exist_ok=True)
+        spec = self.specs / f"{name}-{version}.toml"
+        spec.write_text(text)
+        result = self.cli("register", str(spec), "--json")
+        assert result.code == 0, result.stderr
+        return spec
+
+    def deploy(self, *pairs: str, flags: tuple[str, ...] = ()) -> Result:
+        return self.cli("deploy", *pairs, "--wait", "--json", *flags)
+
+    # --- facts on the hosts ---------------------------------------------------------
+
+    def http_version(self, host_id: str, service: str) -> str | None:
+        port = self.hosts[host_id].ports[service]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=2) as r:
+                return str(r.read().decode().strip())
+        except OSError:
+            return None
+
+    def current(self, host_id: str, service: str) -> str | None:
+        link = self.hosts[host_id].state_dir / "services" / service / "current"
+        return Path(os.readlink(link)).name if link.is_symlink() else None
+
+    def staging(self, host_id: str, service: str) -> list[Path]:
+        staging = self.hosts[host_id].state_dir / "services" / service / "staging"
+        return list(staging.iterdir()) if staging.exists() else []
+
+    def _agent_db(self, host_id: str) -> sqlite3.Connection:
+        dbs = sorted(self.hosts[host_id].state_dir.glob("*.db"))
+        assert dbs, f"no agent store in {self.hosts[host_id].state_dir}"
+        return sqlite3.connect(f"file:{dbs[0]}?mode=ro", uri=True)
+
+    def switches(self, host_id: str) -> list[dict[str, Any]]:
+        with self._agent_db(host_id) as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM switches ORDER BY id").fetchall()
+        return [dict(r) for r in rows]
+
+    def pid(self, host_id: str, service: str) -> int | None:
+        with self._agent_db(host_id) as db:
+            row = db.execute("SELECT pid FROM services WHERE service = ?", (service,)).fetchone()
+        return int(row[0]) if row and row[0] else None
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json")
+        assert result.code == 0, result.stderr
+        return dict(result.doc)
+
+    def reported(self) -> dict[tuple[str, str], str | None]:
+        """(host, service) -> version, as the coordinator's status says."""
+        return {
+            (h["host_id"], s["service"]): s["version"]
+            for h in self.status()["hosts"]
+            for s in h["services"]
+        }
+
+    def running(self) -> dict[tuple[str, str], str | None]:
+        """(host, service) -> version, as every service process answers /version."""
+        found = {}
+        for host_id in self.hosts:
+            for service in SERVICES:
+                version = self.http_version(host_id, service)
+                if version is not None:
+                    found[(host_id, service)] = version
+        return found
