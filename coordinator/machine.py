@@ -66,6 +66,8 @@ class Deployment:
     failing: bool = False
     revert_steps: tuple[tuple[Key, ...], ...] = ()
     revert_index: int = 0
+    cause: str = ""
+    """Why compensation started: health, crash_loop or alert (the automatic trigger)."""
 
     @property
     def done(self) -> bool:
@@ -111,9 +113,10 @@ class TimedOut:
 
 @dataclass(frozen=True)
 class Failed:
-    """A failure reported while baking (health, crash loop, alert): compensate."""
+    """A failure reported after a commit (health, crash loop, alert): compensate."""
 
     reason: str
+    cause: Literal["health", "crash_loop", "alert"] = "health"
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,12 @@ def step(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
         case TimedOut():
             return _timed_out(d, event.timer)
         case Failed():
-            if d.phase in ("baking", "holding", "committing"):
-                return _compensate(replace(d, failing=True), event.reason)
+            if d.phase == "committing":
+                if d.failing:
+                    return d, []
+                return replace(d, failing=True, reason=event.reason, cause=event.cause), []
+            if d.phase in ("baking", "holding"):
+                return _compensate(replace(d, failing=True, cause=event.cause), event.reason)
             return d, []
         case Recovered():
             return _recovered(d)
@@ -249,9 +256,8 @@ def _step_done(d: Deployment, e: StepDone) -> tuple[Deployment, list[Action]]:
             e.key, phase="committed" if e.ok else "commit_failed", reason=e.reason
         )
         if not e.ok and not d.failing:
-            d = replace(
-                d, failing=True, reason=f"commit failed on {p.host} for {p.service}: {e.reason}"
-            )
+            reason = f"commit failed on {p.host} for {p.service}: {e.reason}"
+            d = replace(d, failing=True, reason=reason, cause="health")
         return _after_commit_result(d)
     if e.step == "revert" and p.phase == "reverting":
         d = d.with_participant(
@@ -342,7 +348,7 @@ def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
                     key, phase="commit_failed", reason="no commit result in time"
                 )
         if not d.failing:
-            d = replace(d, failing=True, reason="commit timed out")
+            d = replace(d, failing=True, reason="commit timed out", cause="health")
         return _compensate(d, d.reason)
     if token == f"revert:{d.revert_index}" and d.phase == "reverting":
         for key in d.revert_steps[d.revert_index]:
@@ -410,6 +416,7 @@ def to_dict(d: Deployment) -> dict[str, object]:
         "failing": d.failing,
         "revert_steps": [[list(k) for k in step] for step in d.revert_steps],
         "revert_index": d.revert_index,
+        "cause": d.cause,
     }
 
 
@@ -429,4 +436,5 @@ def from_dict(data: dict[str, Any]) -> Deployment:
         failing=data["failing"],
         revert_steps=tuple(tuple((h, s) for h, s in step) for step in data["revert_steps"]),
         revert_index=data["revert_index"],
+        cause=data.get("cause", ""),
     )

@@ -97,8 +97,13 @@ def plan(
     agents: Sequence[AgentInfo],
     strategy: Strategy,
     running: Mapping[str, Mapping[str, str]] | None = None,
+    *,
+    consumers_first: bool = False,
 ) -> Plan:
     """The rollout from `current` to `target` over the live `agents`.
+
+    `consumers_first` (rollbacks) prefers moving consumers before providers where
+    both orders keep every intermediate set valid.
 
     `running` maps host id to the versions it reports; a host listed there takes its
     `from_version` from it (None if it does not run the service), any other host from
@@ -111,7 +116,8 @@ def plan(
     changed = tuple(sorted(s for s in target if current.get(s) != target[s]))
     hosts = {s: _hosts_of(s, target[s], catalog, agents) for s in changed}
     rank = ranks(changed, target, catalog)
-    groups, synchronized = _wave_groups(changed, current, target, catalog, rank)
+    preferred = sorted(changed, key=lambda s: (-rank[s] if consumers_first else rank[s], s))
+    groups, synchronized = _wave_groups(preferred, current, target, catalog)
     waves: list[Wave] = []
     switched: set[str] = set()
     for index, group in enumerate(groups):
@@ -187,20 +193,19 @@ def _state(
 
 
 def _wave_groups(
-    changed: tuple[str, ...],
+    preferred: list[str],
     current: Mapping[str, str],
     target: Mapping[str, str],
     catalog: Catalog,
-    rank: Mapping[str, int],
 ) -> tuple[list[tuple[str, ...]], bool]:
     """One service per wave in an order keeping every set valid, else all together.
 
-    The flag says whether the waves are one synchronized wave.
+    `preferred` is the order to try first. The flag says whether the waves are one
+    synchronized wave.
     """
-    preferred = sorted(changed, key=lambda s: (rank[s], s))
     order = _search(preferred, current, target, catalog)
     if order is None:
-        return [changed], True
+        return [tuple(sorted(preferred))], True
     return [(s,) for s in order], False
 
 

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from coordinator import machine, views
+from coordinator import machine, rollback, triggers, views
 from coordinator.machine import Key
 from coordinator.planner import AgentInfo, plan
 from coordinator.resolver import resolve
@@ -29,6 +29,7 @@ from shared.messages import (
     Alert,
     Body,
     Commit,
+    CrashLoop,
     DeployRequest,
     ErrorInfo,
     Event,
@@ -44,6 +45,7 @@ from shared.messages import (
     Vote,
     make,
 )
+from shared.specs import Strategy
 from shared.tasks import TaskGroup
 from shared.transport import Broker, Delivery, Unroutable
 
@@ -99,7 +101,7 @@ class Coordinator:
                     delivery.envelope.id, body.services, body.strategy, dry_run=body.dry_run
                 )
             case RollbackRequest():
-                raise UserError("rollback", "rollback is not available yet")
+                return await self.rollback(delivery.envelope.id, body)
             case QueryRequest():
                 return Reply(ok=True, data=await self.query(body))
             case AgentHello() | Heartbeat():
@@ -115,8 +117,10 @@ class Coordinator:
                     (body.host_id, body.service), body.step, body.ok, body.reason
                 )
                 await self.drive(body.deployment_id, event)
-            case HealthChange() | Alert():
-                await self.store.add_events(None, [(body.KIND, body.model_dump())])
+            case HealthChange() | CrashLoop():
+                await self._host_failure(body)
+            case Alert():
+                await self._alert(delivery.envelope.id, body)
             case _:
                 raise ProtocolError(f"kind: {delivery.envelope.kind} is not for the coordinator")
         return None
@@ -156,17 +160,23 @@ class Coordinator:
         self,
         request_id: str,
         services: dict[str, str],
-        strategy: Any,
+        strategy: Strategy,
         *,
         dry_run: bool = False,
         trigger: str = "operator",
+        kind: str = "deploy",
+        release_id: int | None = None,
     ) -> Reply:
-        """Resolve, plan and durably accept a deployment, then start it."""
+        """Resolve, plan and durably accept a deployment, then start it.
+
+        `release_id` names an existing release the deployment returns to (rollbacks);
+        otherwise a changed version set becomes a new release.
+        """
         earlier = await self.store.deployment_by_request(request_id)
         if earlier is not None:
             return Reply(ok=True, data=views.deployment(earlier))
         catalog = await self.store.catalog()
-        release_id, current = await self.store.current_release()
+        current_id, current = await self.store.current_release()
         target = resolve(current, services, catalog)
         agent_rows = await self.store.agents()
         now = time.time()
@@ -177,10 +187,13 @@ class Coordinator:
         running = {
             a["host_id"]: {s["service"]: s["version"] for s in a["services"]} for a in agent_rows
         }
-        the_plan = plan(current, target, catalog, live, strategy, running)
+        the_plan = plan(current, target, catalog, live, strategy, running,
+                        consumers_first=kind == "rollback")  # fmt: skip
         if dry_run:
             return Reply(ok=True, data={"services": target, "plan": the_plan.to_dict()})
         await self._refuse_overlap(the_plan.changed)
+        if not the_plan.changed:
+            release_id = current_id
         deployment_id = uuid.uuid4().hex[:12]
         steps = [
             [machine.Participant(p.host, p.service, p.version, p.from_version) for p in batch]
@@ -189,19 +202,81 @@ class Coordinator:
         ]
         state = machine.new(deployment_id, strategy, steps, dict(the_plan.rank))
         await self.store.create_deployment(
-            deployment_id=deployment_id,
-            request_id=request_id,
-            trigger=trigger,
-            target=target,
-            from_release_id=release_id,
-            plan=the_plan.to_dict(),
-            machine=machine.to_dict(state),
-            new_release=bool(the_plan.changed),
-        )
+            deployment_id=deployment_id, request_id=request_id, trigger=trigger, kind=kind,
+            target=target, from_release_id=current_id, release_id=release_id,
+            plan=the_plan.to_dict(), machine=machine.to_dict(state),
+        )  # fmt: skip
+        self._log.info("deployment.accepted", deployment_id=deployment_id, kind=kind,
+                       trigger=trigger, services=target)  # fmt: skip
         self._tasks.spawn(self.drive(deployment_id, machine.Started()), f"start:{deployment_id}")
         row = await self.store.deployment(deployment_id)
         assert row is not None
         return Reply(ok=True, data=views.deployment(row))
+
+    async def rollback(
+        self, request_id: str, body: RollbackRequest, trigger: str = "operator"
+    ) -> Reply:
+        """Deploy the last good (or named) release, or move back only some services."""
+        releases = await self.store.releases()
+        current_id, current = await self.store.current_release()
+        if body.to is not None:
+            target = rollback.named(releases, body.to, body.force)
+        else:
+            found = rollback.last_good(releases, current_id)
+            if found is None:
+                raise UserError("rollback", "there is no earlier good release to roll back to")
+            target = found
+        if body.services and body.to is None:
+            catalog = await self.store.catalog()
+            services = rollback.dependents_target(
+                current, target["services"], body.services, catalog
+            )
+            reuse = target["release_id"] if services == target["services"] else None
+        else:
+            services, reuse = dict(target["services"]), target["release_id"]
+        return await self.deploy(request_id, services, body.strategy, trigger=trigger,
+                                 kind="rollback", release_id=reuse)  # fmt: skip
+
+    # --- automatic rollback triggers (SPEC 6.2) ------------------------------------------
+
+    async def _host_failure(self, body: HealthChange | CrashLoop) -> None:
+        await self.store.add_events(None, [(body.KIND, body.model_dump())])
+        if isinstance(body, HealthChange) and body.health != "unhealthy":
+            return
+        in_flight = await self.store.deployments(in_flight=True)
+        deployment_id = triggers.on_host_failure(
+            body.host_id, body.service, body.version, in_flight
+        )
+        if deployment_id is None:
+            return
+        if isinstance(body, CrashLoop):
+            cause, what = "crash_loop", f"exited {body.exits} times in {body.window:g}s"
+        else:
+            cause, what = "health", f"unhealthy: {body.reason}"
+        reason = f"{body.service} {body.version} on {body.host_id} {what}"
+        await self.drive(deployment_id, machine.Failed(reason, cause))  # type: ignore[arg-type]
+
+    async def _alert(self, alert_id: str, alert: Alert) -> None:
+        _, current = await self.store.current_release()
+        decision = triggers.on_alert(
+            alert.service, alert.severity, threshold=self.settings.alert_min_severity,
+            current=current, in_flight=await self.store.deployments(in_flight=True),
+            last_completed=await self.store.last_completed(), now=time.time(),
+            window=self.settings.auto_rollback_window,
+        )  # fmt: skip
+        record = {**alert.model_dump(), "decision": type(decision).__name__}
+        reason = f"alert {alert.service}.{alert.severity}: {alert.reason or 'no reason given'}"
+        match decision:
+            case triggers.Ignore():
+                await self._emit(None, "alert.ignored", {**record, "why": decision.reason})
+            case triggers.FailInFlight():
+                await self._emit(decision.deployment_id, "alert.received", record)
+                await self.drive(decision.deployment_id, machine.Failed(reason, "alert"))
+            case triggers.Rollback():
+                await self._emit(None, "alert.received", record)
+                request = RollbackRequest(services=list(decision.services))
+                reply = await self.rollback(alert_id, request, trigger="alert")
+                await self.store.set_reason(reply.data["deployment_id"], reason)
 
     async def _refuse_overlap(self, changed: tuple[str, ...]) -> None:
         for row in await self.store.deployments(in_flight=True):
@@ -265,7 +340,8 @@ class Coordinator:
         self, row: dict[str, Any], d: machine.Deployment, send: machine.Send
     ) -> list[machine.Event]:
         catalog = await self.store.catalog()
-        bodies = [self._command(d, send.command, key, catalog) for key in send.keys]
+        rollback = row["kind"] == "rollback"
+        bodies = [self._command(d, send.command, key, catalog, rollback) for key in send.keys]
         results = await asyncio.gather(
             *(
                 self._publish_command(key[0], body)
@@ -291,14 +367,13 @@ class Coordinator:
         return failed
 
     def _command(
-        self, d: machine.Deployment, command: str, key: Key, catalog: dict[Any, Any]
+        self, d: machine.Deployment, command: str, key: Key, catalog: dict[Any, Any], rollback: bool
     ) -> Body:
         p = d.participants[key]
         if command == "prepare":
+            spec = catalog[(p.service, p.version)]
             return Prepare(
-                deployment_id=d.id,
-                spec=catalog[(p.service, p.version)],
-                from_version=p.from_version,
+                deployment_id=d.id, spec=spec, from_version=p.from_version, rollback=rollback
             )
         if command == "commit":
             return Commit(deployment_id=d.id, service=p.service, version=p.version)

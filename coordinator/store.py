@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     id TEXT PRIMARY KEY, request_id TEXT UNIQUE, release_id INTEGER, from_release_id INTEGER,
     trigger TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     services TEXT NOT NULL, plan TEXT NOT NULL, machine TEXT NOT NULL,
-    started_at REAL NOT NULL, ended_at REAL);
+    started_at REAL NOT NULL, ended_at REAL,
+    kind TEXT NOT NULL DEFAULT 'deploy', new_release INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS agents (
     host_id TEXT PRIMARY KEY, labels TEXT NOT NULL, services TEXT NOT NULL,
     last_seen REAL NOT NULL, first_seen REAL NOT NULL);
@@ -135,16 +136,17 @@ class Store:
         deployment_id: str,
         request_id: str,
         trigger: str,
+        kind: str,
         target: dict[str, str],
         from_release_id: int | None,
+        release_id: int | None,
         plan: dict[str, Any],
         machine: dict[str, Any],
-        new_release: bool,
     ) -> None:
-        """Record an accepted deployment (and its release) in one transaction."""
+        """Record an accepted deployment in one transaction; `release_id` None = a new release."""
         now = time.time()
-        release_id = from_release_id
-        if new_release:
+        new_release = release_id is None
+        if release_id is None:
             cursor = await self._db.execute(
                 "INSERT INTO releases (services, state, created_at, deployment_id) "
                 "VALUES (?, 'pending', ?, ?)",
@@ -153,20 +155,12 @@ class Store:
             release_id = cursor.lastrowid
         await self._db.execute(
             "INSERT INTO deployments (id, request_id, release_id, from_release_id, trigger, "
-            "state, services, plan, machine, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                deployment_id,
-                request_id,
-                release_id,
-                from_release_id,
-                trigger,
-                machine["phase"],
-                json.dumps(target, sort_keys=True),
-                json.dumps(plan),
-                json.dumps(machine),
-                now,
-            ),
-        )
+            "state, services, plan, machine, started_at, kind, new_release) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (deployment_id, request_id, release_id, from_release_id, trigger,
+             machine["phase"], json.dumps(target, sort_keys=True), json.dumps(plan),
+             json.dumps(machine), now, kind, int(new_release)),
+        )  # fmt: skip
         await self._db.commit()
 
     async def save_deployment(
@@ -176,30 +170,34 @@ class Store:
         phase = machine["phase"]
         ended = time.time() if phase in RELEASE_STATE else None
         await self._db.execute(
-            "UPDATE deployments SET machine = ?, state = ?, reason = ?, ended_at = ? WHERE id = ?",
-            (json.dumps(machine), phase, machine["reason"], ended, machine["id"]),
-        )
+            "UPDATE deployments SET machine = ?, state = ?, reason = ?, ended_at = ?, "
+            "trigger = CASE WHEN ? != '' THEN ? ELSE trigger END WHERE id = ?",
+            (json.dumps(machine), phase, machine["reason"], ended, machine.get("cause", ""),
+             machine.get("cause", ""), machine["id"]),
+        )  # fmt: skip
         if ended is not None:
             await self._finish_release(machine["id"], phase)
         await self._add_events(machine["id"], events)
         await self._db.commit()
 
     async def _finish_release(self, deployment_id: str, phase: str) -> None:
-        rows = await self._rows(
-            "SELECT release_id, from_release_id FROM deployments WHERE id = ?", deployment_id
-        )
-        release_id, from_id = rows[0]["release_id"], rows[0]["from_release_id"]
-        if release_id is None or release_id == from_id:
+        """Move the fleet pointer and mark releases good or bad as the outcome says."""
+        row = (await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id))[0]
+        release_id, from_id = row["release_id"], row["from_release_id"]
+        if row["new_release"]:
+            await self._set_release_state(release_id, RELEASE_STATE[phase])
+        if phase != "completed" or release_id is None:
             return
         await self._db.execute(
-            "UPDATE releases SET state = ? WHERE id = ?", (RELEASE_STATE[phase], release_id)
+            "INSERT INTO fleet VALUES ('current_release_id', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(release_id),),
         )
-        if phase == "completed":
-            await self._db.execute(
-                "INSERT INTO fleet VALUES ('current_release_id', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(release_id),),
-            )
+        if row["kind"] == "rollback" and from_id is not None and from_id != release_id:
+            await self._set_release_state(from_id, "bad")
+
+    async def _set_release_state(self, release_id: int, state: str) -> None:
+        await self._db.execute("UPDATE releases SET state = ? WHERE id = ?", (state, release_id))
 
     async def deployment(self, deployment_id: str) -> dict[str, Any] | None:
         rows = await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id)
@@ -217,6 +215,22 @@ class Store:
             f"SELECT * FROM deployments {where} ORDER BY started_at DESC, rowid DESC LIMIT ?", limit
         )
         return [_deployment(r) for r in rows]
+
+    async def last_completed(self) -> dict[str, Any] | None:
+        """The deployment that made the current release current, if any."""
+        release_id, _ = await self.current_release()
+        rows = await self._rows(
+            "SELECT * FROM deployments WHERE state = 'completed' AND release_id = ? "
+            "ORDER BY ended_at DESC LIMIT 1",
+            release_id,
+        )
+        return _deployment(rows[0]) if rows else None
+
+    async def set_reason(self, deployment_id: str, reason: str) -> None:
+        await self._db.execute(
+            "UPDATE deployments SET reason = ? WHERE id = ?", (reason, deployment_id)
+        )
+        await self._db.commit()
 
     # --- agents -------------------------------------------------------------------
 
@@ -310,4 +324,5 @@ def _deployment(row: aiosqlite.Row) -> dict[str, Any]:
         "machine": json.loads(row["machine"]),
         "started_at": row["started_at"],
         "ended_at": row["ended_at"],
+        "kind": row["kind"],
     }

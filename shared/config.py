@@ -42,6 +42,8 @@ class CoordinatorSettings(BaseSettings):
     """How long to wait for one compensation step."""
     auto_rollback_window: Duration = 900.0
     """How long after a release completed an alert may still roll it back."""
+    alert_min_severity: Literal["info", "warning", "error", "critical"] = "critical"
+    """Alerts below this severity are recorded and ignored."""
 
 
 class AgentSettings(BaseSettings):

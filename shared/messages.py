@@ -80,6 +80,8 @@ class Prepare(Body):
     deployment_id: str
     spec: ServiceVersion
     from_version: str | None
+    rollback: bool = False
+    """A rollback: use the kept release dir if intact, run `before_rollback` on commit."""
 
 
 class Commit(Body):
@@ -162,6 +164,16 @@ class HealthChange(Body):
     reason: str = ""
 
 
+class CrashLoop(Body):
+    KIND: ClassVar[str] = "crash.loop"
+    host_id: str
+    service: str
+    version: str | None
+    exits: int
+    window: float
+    """Seconds within which the service exited `exits` times."""
+
+
 # --- alerts from monitoring, events for other systems ------------------------------
 
 
@@ -182,7 +194,7 @@ class Event(Body):
 BODIES: tuple[type[Body], ...] = (
     RegisterRequest, DeployRequest, RollbackRequest, QueryRequest, Reply,
     Prepare, Commit, Abort, Revert, Ping,
-    AgentHello, Heartbeat, Vote, StepResult, HealthChange, Alert, Event,
+    AgentHello, Heartbeat, Vote, StepResult, HealthChange, CrashLoop, Alert, Event,
 )  # fmt: skip
 
 
@@ -244,3 +256,18 @@ def decode(raw: bytes) -> Envelope:
 
 class _EnvelopeKind(BaseModel):
     kind: str
+
+
+def decode_alert(raw: bytes, sender: str = "monitoring") -> Envelope:
+    """An alert as monitoring systems publish it: a bare body or a full envelope."""
+    try:
+        return decode(raw)
+    except DecodeError as envelope_error:
+        try:
+            body = Alert.model_validate_json(raw)
+        except ValidationError as e:
+            if b'"kind"' in raw:
+                raise envelope_error from None
+            path, reason = field_of(e)
+            raise DecodeError(raw, f"{path or 'alert'}: {reason}") from e
+    return make(body, sender)

@@ -37,7 +37,7 @@ from shared.errors import (
     ProtocolError,
     TransientError,
 )
-from shared.messages import Body, Envelope, Reply, decode, encode, make
+from shared.messages import Body, Envelope, Reply, decode, decode_alert, encode, make
 from shared.signing import sign, verify
 from shared.tasks import TaskGroup
 
@@ -220,7 +220,10 @@ class Broker:
 
     async def _handle(self, message: AbstractIncomingMessage, handler: Handler) -> None:
         try:
-            envelope = decode(message.body)
+            if message.exchange == topology.ALERTS:
+                envelope = decode_alert(message.body, message.app_id or "monitoring")
+            else:
+                envelope = decode(message.body)
             verify(envelope)
             delivery = Delivery(
                 envelope,

@@ -1,0 +1,89 @@
+"""What an alert, a health failure or a crash loop should do (SPEC 6.2). Pure.
+
+The coordinator loop gathers the facts (current release, deployments in flight, the
+deployment that made the current release current) and acts on the decision:
+`Ignore` is recorded with its reason, `FailInFlight` compensates a deployment that
+is still committing or baking, `Rollback` starts an automatic rollback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SEVERITIES = ("info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class Ignore:
+    reason: str
+
+
+@dataclass(frozen=True)
+class FailInFlight:
+    deployment_id: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    scope: str
+    services: tuple[str, ...]
+
+
+Decision = Ignore | FailInFlight | Rollback
+
+
+def _touches(row: Mapping[str, Any], service: str, host: str | None = None) -> bool:
+    return any(
+        p["service"] == service and (host is None or p["host"] == host)
+        for p in row["machine"]["participants"]
+    )
+
+
+def on_alert(
+    service: str,
+    severity: str,
+    *,
+    threshold: str,
+    current: Mapping[str, str],
+    in_flight: Sequence[Mapping[str, Any]],
+    last_completed: Mapping[str, Any] | None,
+    now: float,
+    window: float,
+) -> Decision:
+    """The decision for an alert `service.severity`."""
+    if severity not in SEVERITIES:
+        return Ignore(f"unknown severity {severity!r}")
+    if SEVERITIES.index(severity) < SEVERITIES.index(threshold):
+        return Ignore(f"severity {severity} is below the threshold {threshold}")
+    if service not in current:
+        return Ignore(f"{service} is not in the current release")
+    for row in in_flight:
+        if _touches(row, service):
+            if row["kind"] == "deploy" and row["state"] in ("committing", "holding", "baking"):
+                return FailInFlight(row["deployment_id"])
+            return Ignore(f"deployment {row['deployment_id']} is already in flight for {service}")
+    if last_completed is None or last_completed["kind"] != "deploy":
+        return Ignore("the current release was not deployed forward; nothing to roll back")
+    if now - float(last_completed["ended_at"]) > window:
+        return Ignore("outside the auto-rollback window of the current release")
+    scope = last_completed["machine"]["strategy"]["rollback_scope"]
+    return Rollback(scope, (service,) if scope == "dependents" else ())
+
+
+def on_host_failure(
+    host: str, service: str, version: str | None, in_flight: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """The deployment to compensate for a failure of `service` on `host`, if any.
+
+    Only a participant that already committed `version` counts: a failure during its own
+    commit is that commit's result, and one after the deployment ended is for alerts.
+    """
+    for row in in_flight:
+        for p in row["machine"]["participants"]:
+            if (p["host"], p["service"], p["version"]) == (host, service, version) and p[
+                "phase"
+            ] == "committed":
+                return str(row["deployment_id"])
+    return None

@@ -1,0 +1,127 @@
+"""Rollback targets and automatic-rollback decisions (pure, table-driven)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from coordinator import rollback, triggers
+from shared.errors import UserError
+from shared.specs import ServiceVersion
+
+
+def sv(name: str, version: str, requires: dict[str, str] | None = None) -> ServiceVersion:
+    return ServiceVersion(
+        name=name, version=version, artifact="file:///srv/x", run="true",
+        requires=requires or {}, health={"exec": "true"},
+    )
+
+
+def catalog(*specs: ServiceVersion) -> dict[tuple[str, str], ServiceVersion]:
+    return {s.key: s for s in specs}
+
+
+RELEASES = [
+    {"release_id": 4, "state": "bad", "services": {"orders": "3.0.0"}},
+    {"release_id": 3, "state": "good", "services": {"orders": "2.0.0"}},
+    {"release_id": 2, "state": "aborted", "services": {"orders": "1.5.0"}},
+    {"release_id": 1, "state": "good", "services": {"orders": "1.0.0"}},
+]
+
+
+@pytest.mark.parametrize(
+    ("current_id", "expected"),
+    [(4, 3), (3, 1), (1, None), (None, None)],
+)
+def test_last_good_is_the_newest_good_release_older_than_current(
+    current_id: int | None, expected: int | None
+) -> None:
+    found = rollback.last_good(RELEASES, current_id)
+    assert (found["release_id"] if found else None) == expected
+
+
+def test_rollback_to_a_bad_release_needs_force() -> None:
+    with pytest.raises(UserError, match="marked bad"):
+        rollback.named(RELEASES, 4, force=False)
+    assert rollback.named(RELEASES, 4, force=True)["release_id"] == 4
+    with pytest.raises(UserError, match="no release 9"):
+        rollback.named(RELEASES, 9, force=False)
+
+
+def test_partial_rollback_moves_only_the_service_when_its_old_version_accepts_the_rest() -> None:
+    cat = catalog(
+        sv("payments", "1.0.0"), sv("payments", "1.5.0"),
+        sv("orders", "1.0.0", {"payments": ">=1.0.0"}), sv("orders", "2.0.0", {"payments": ">=1.5.0"}),
+    )
+    target = rollback.dependents_target(
+        {"orders": "2.0.0", "payments": "1.5.0"}, {"orders": "1.0.0", "payments": "1.0.0"},
+        ["orders"], cat,
+    )
+    assert target == {"orders": "1.0.0", "payments": "1.5.0"}
+
+
+def test_partial_rollback_moves_the_providers_the_old_version_needs() -> None:
+    cat = catalog(
+        sv("payments", "1.0.0"), sv("payments", "1.5.0"), sv("inventory", "1.0.0"),
+        sv("inventory", "2.0.0"),
+        sv("orders", "1.0.0", {"payments": "<1.5.0"}), sv("orders", "2.0.0", {"payments": ">=1.5.0"}),
+    )
+    current = {"orders": "2.0.0", "payments": "1.5.0", "inventory": "2.0.0"}
+    previous = {"orders": "1.0.0", "payments": "1.0.0", "inventory": "1.0.0"}
+    target = rollback.dependents_target(current, previous, ["orders"], cat)
+    assert target == {"orders": "1.0.0", "payments": "1.0.0", "inventory": "2.0.0"}
+
+
+def test_partial_rollback_of_a_service_not_in_the_release_is_refused() -> None:
+    with pytest.raises(UserError, match="billing"):
+        rollback.dependents_target({"orders": "2.0.0"}, {"orders": "1.0.0"}, ["billing"], {})
+
+
+def deployment(kind: str = "deploy", state: str = "completed", ended_at: float = 100.0,
+               scope: str = "dependents", services: tuple[str, ...] = ("orders",)) -> dict[str, Any]:
+    return {
+        "deployment_id": f"{kind}-{state}", "kind": kind, "state": state, "ended_at": ended_at,
+        "machine": {"strategy": {"rollback_scope": scope},
+                    "participants": [{"host": "h", "service": s, "version": "2.0.0",
+                                      "phase": "committed"} for s in services]},
+    }
+
+
+def alert(severity: str = "critical", service: str = "orders", **facts: Any) -> triggers.Decision:
+    args: dict[str, Any] = {
+        "threshold": "critical", "current": {"orders": "2.0.0"}, "in_flight": [],
+        "last_completed": deployment(), "now": 160.0, "window": 900.0,
+    }
+    args.update(facts)
+    return triggers.on_alert(service, severity, **args)
+
+
+@pytest.mark.parametrize(
+    ("decision", "expected"),
+    [
+        (alert(), triggers.Rollback("dependents", ("orders",))),
+        (alert(last_completed=deployment(scope="all")), triggers.Rollback("all", ())),
+        (alert(severity="warning"), triggers.Ignore("severity warning is below the threshold critical")),
+        (alert(severity="loud"), triggers.Ignore("unknown severity 'loud'")),
+        (alert(service="billing"), triggers.Ignore("billing is not in the current release")),
+        (alert(now=2000.0), triggers.Ignore("outside the auto-rollback window of the current release")),
+        (alert(last_completed=None), triggers.Ignore("the current release was not deployed forward; nothing to roll back")),
+        (alert(last_completed=deployment(kind="rollback")), triggers.Ignore("the current release was not deployed forward; nothing to roll back")),
+        (alert(in_flight=[deployment(state="baking")]), triggers.FailInFlight("deploy-baking")),
+        (alert(in_flight=[deployment(kind="rollback", state="committing")]), triggers.Ignore("deployment rollback-committing is already in flight for orders")),
+    ],
+)
+def test_alert_decision_follows_threshold_window_scope_and_in_flight_rules(
+    decision: triggers.Decision, expected: triggers.Decision
+) -> None:
+    assert decision == expected
+
+
+def test_host_failure_compensates_only_a_participant_that_committed_that_version() -> None:
+    rows = [deployment(state="baking")]
+    assert triggers.on_host_failure("h", "orders", "2.0.0", rows) == "deploy-baking"
+    assert triggers.on_host_failure("h", "orders", "1.0.0", rows) is None
+    assert triggers.on_host_failure("other", "orders", "2.0.0", rows) is None
+    rows[0]["machine"]["participants"][0]["phase"] = "committing"
+    assert triggers.on_host_failure("h", "orders", "2.0.0", rows) is None
