@@ -160,9 +160,11 @@ def new(
     strategy: Strategy,
     steps: list[list[Participant]],
     rank: dict[str, int],
+    reason: str = "",
 ) -> Deployment:
-    """A deployment in `preparing`, before anything was sent."""
+    """A deployment in `preparing`, before anything was sent; `reason` says why it exists."""
     return Deployment(
+        reason=reason,
         id=deployment_id,
         strategy=strategy,
         steps=tuple(tuple(p.key for p in step) for step in steps),
@@ -398,6 +400,7 @@ def _recovered(d: Deployment) -> tuple[Deployment, list[Action]]:
 
 
 def _finish(d: Deployment, phase: Phase, reason: str) -> tuple[Deployment, list[Action]]:
+    reason = reason or d.reason
     return replace(d, phase=phase, reason=reason), [Finished(phase, reason)]
 
 

@@ -166,6 +166,7 @@ class Coordinator:
         trigger: str = "operator",
         kind: str = "deploy",
         release_id: int | None = None,
+        reason: str = "",
     ) -> Reply:
         """Resolve, plan and durably accept a deployment, then start it.
 
@@ -200,7 +201,7 @@ class Coordinator:
             for wave in the_plan.waves
             for batch in wave.batches
         ]
-        state = machine.new(deployment_id, strategy, steps, dict(the_plan.rank))
+        state = machine.new(deployment_id, strategy, steps, dict(the_plan.rank), reason)
         await self.store.create_deployment(
             deployment_id=deployment_id, request_id=request_id, trigger=trigger, kind=kind,
             target=target, from_release_id=current_id, release_id=release_id,
@@ -214,7 +215,7 @@ class Coordinator:
         return Reply(ok=True, data=views.deployment(row))
 
     async def rollback(
-        self, request_id: str, body: RollbackRequest, trigger: str = "operator"
+        self, request_id: str, body: RollbackRequest, trigger: str = "operator", reason: str = ""
     ) -> Reply:
         """Deploy the last good (or named) release, or move back only some services."""
         releases = await self.store.releases()
@@ -234,8 +235,10 @@ class Coordinator:
             reuse = target["release_id"] if services == target["services"] else None
         else:
             services, reuse = dict(target["services"]), target["release_id"]
-        return await self.deploy(request_id, services, body.strategy, trigger=trigger,
-                                 kind="rollback", release_id=reuse)  # fmt: skip
+        return await self.deploy(
+            request_id, services, body.strategy, trigger=trigger, kind="rollback",
+            release_id=reuse, reason=reason,
+        )  # fmt: skip
 
     # --- automatic rollback triggers (SPEC 6.2) ------------------------------------------
 
@@ -275,8 +278,7 @@ class Coordinator:
             case triggers.Rollback():
                 await self._emit(None, "alert.received", record)
                 request = RollbackRequest(services=list(decision.services))
-                reply = await self.rollback(alert_id, request, trigger="alert")
-                await self.store.set_reason(reply.data["deployment_id"], reason)
+                await self.rollback(alert_id, request, trigger="alert", reason=reason)
 
     async def _refuse_overlap(self, changed: tuple[str, ...]) -> None:
         for row in await self.store.deployments(in_flight=True):

@@ -226,12 +226,6 @@ class Store:
         )
         return _deployment(rows[0]) if rows else None
 
-    async def set_reason(self, deployment_id: str, reason: str) -> None:
-        await self._db.execute(
-            "UPDATE deployments SET reason = ? WHERE id = ?", (reason, deployment_id)
-        )
-        await self._db.commit()
-
     # --- agents -------------------------------------------------------------------
 
     async def agent_seen(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -294,17 +295,19 @@ def events(
     follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events.")] = False,
     as_json: Json = False,
 ) -> None:
-    """The deployment event stream."""
+    """The deployment event stream (`--json --follow`: one JSON object per line)."""
 
     async def go(broker: Broker) -> int:
+        doc = await ask(broker, "query", QueryRequest(what="events"))
+        if not follow:
+            emit(doc, as_json, lambda d: "\n".join(render.event(e) for e in d["events"]))
+            return EXIT_OK
         after = 0
         while True:
-            doc = await ask(broker, "query", QueryRequest(what="events", after=after))
             for item in doc["events"]:
-                emit(item, as_json, render.event)
+                typer.echo(json.dumps(item, default=str) if as_json else render.event(item))
                 after = item["seq"]
-            if not follow:
-                return EXIT_OK
             await asyncio.sleep(0.5)
+            doc = await ask(broker, "query", QueryRequest(what="events", after=after))
 
     call(go, as_json=as_json)

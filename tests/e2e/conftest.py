@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,11 @@ from tests.support.procs import Procs
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]) -> Fleet:
+    """A running coordinator; `procs` stops it and everything else at teardown."""
     f = Fleet(tmp_path, lockstep_env, procs)
     f.start_coordinator()
-    yield f
+    return f
 
 
 @pytest.fixture

@@ -118,10 +118,18 @@ class Fleet:
         requires: dict[str, str] | None = None,
         hosts: dict[str, str] | None = None,
         fail_health: bool = False,
+        fail_health_after: float | None = None,
         sha256: str | None = None,
     ) -> Path:
-        path, digest = build_artifact(self.artifacts, name, version, fail_health=fail_health)
-        text = service_toml(name, version, path, sha256 or digest, requires=requires, hosts=hosts)
+        path, digest = build_artifact(
+            self.artifacts, name, version, fail_health=fail_health,
+            fail_health_after=fail_health_after,
+        )  # fmt: skip
+        deadline = "3s" if fail_health else "10s"
+        text = service_toml(
+            name, version, path, sha256 or digest, requires=requires, hosts=hosts,
+            start_deadline=deadline,
+        )  # fmt: skip
         self.specs.mkdir(exist_ok=True)
         spec = self.specs / f"{name}-{version}.toml"
         spec.write_text(text)
@@ -165,6 +173,11 @@ class Fleet:
         with self._agent_db(host_id) as db:
             row = db.execute("SELECT pid FROM services WHERE service = ?", (service,)).fetchone()
         return int(row[0]) if row and row[0] else None
+
+    def history(self) -> dict[str, Any]:
+        result = self.cli("history", "--json")
+        assert result.code == 0, result.stderr
+        return dict(result.doc)
 
     def status(self) -> dict[str, Any]:
         result = self.cli("status", "--json")

@@ -53,7 +53,8 @@ def test_malformed_request_and_report_are_dead_lettered_with_reason_and_coordina
     assert "body.deployment_id" in reasons[1] or "body.yes" in reasons[1]
     status = fleet.cli("status", "--json")
     assert status.code == 0, status.stderr
-    assert fleet.coordinator is not None and fleet.coordinator.poll() is None
+    assert fleet.coordinator is not None
+    assert fleet.coordinator.poll() is None, "the coordinator process is still running"
 
 
 def test_cli_exits_3_when_no_coordinator_answers(fleet: Fleet) -> None:
