@@ -240,7 +240,7 @@ def _send_step(d: Deployment) -> tuple[Deployment, list[Action]]:
 
 
 def _abort(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
-    keys = tuple(d.in_phase("preparing", "prepared", "refused"))
+    keys = tuple(d.in_phase("preparing", "prepared", "refused", "unavailable"))
     for key in keys:
         d = d.with_participant(key, phase="aborting")
     d = replace(d, decision="abort", phase="aborting", reason=reason)
@@ -303,10 +303,11 @@ def _compensate(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
     untouched = tuple(d.in_phase("prepared"))
     actions: list[Action] = [Send("abort", untouched)] if untouched else []
     for key in untouched:
-        d = d.with_participant(key, phase="aborted")
+        d = d.with_participant(key, phase="aborting")
     d = replace(d, phase="reverting", reason=reason, revert_steps=tuple(order), revert_index=0)
     if not order:
-        return _finish(d, "rolled_back", reason)
+        d, done = _finish(d, "rolled_back", reason)
+        return d, actions + done
     d, more = _send_revert(d)
     return d, actions + more
 
@@ -385,10 +386,13 @@ def _recovered(d: Deployment) -> tuple[Deployment, list[Action]]:
             StartTimer(f"commit:{d.step_index}", d.strategy.commit_timeout),
         ]
     if d.phase == "reverting":
+        aborting = tuple(d.in_phase("aborting"))
         keys = tuple(
             k for k in d.revert_steps[d.revert_index] if d.participants[k].phase == "reverting"
         )
+        resend: list[Action] = [Send("abort", aborting)] if aborting else []
         return d, [
+            *resend,
             Send("revert", keys),
             StartTimer(f"revert:{d.revert_index}", d.strategy.commit_timeout),
         ]
