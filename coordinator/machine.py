@@ -23,7 +23,7 @@ Key = tuple[str, str]
 """(host, service): one participant."""
 
 Phase = Literal[
-    "preparing", "committing", "holding", "baking", "reverting", "aborting",
+    "preparing", "committing", "holding", "paused", "baking", "reverting", "aborting",
     "completed", "aborted", "rolled_back", "failed",
 ]  # fmt: skip
 TERMINAL: frozenset[str] = frozenset({"completed", "aborted", "rolled_back", "failed"})
@@ -68,6 +68,8 @@ class Deployment:
     revert_index: int = 0
     cause: str = ""
     """Why compensation started: health, crash_loop or alert (the automatic trigger)."""
+    paused: bool = False
+    """An operator paused the rollout: no further batch starts until resumed."""
 
     @property
     def done(self) -> bool:
@@ -124,7 +126,14 @@ class Recovered:
     """The coordinator restarted with this deployment in flight."""
 
 
-Event = Started | Voted | StepDone | TimedOut | Failed | Recovered
+@dataclass(frozen=True)
+class Control:
+    """An operator's pause, resume or abort."""
+
+    action: Literal["pause", "resume", "abort"]
+
+
+Event = Started | Voted | StepDone | TimedOut | Failed | Recovered | Control
 
 # --- actions ------------------------------------------------------------------------
 
@@ -196,6 +205,24 @@ def step(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
             return d, []
         case Recovered():
             return _recovered(d)
+        case Control():
+            return _control(d, event.action)
+
+
+def _control(d: Deployment, action: str) -> tuple[Deployment, list[Action]]:
+    if action == "pause":
+        return replace(d, paused=True), []
+    if action == "resume":
+        d = replace(d, paused=False)
+        return _send_step(d) if d.phase == "paused" else (d, [])
+    reason = "aborted by an operator"
+    if d.phase == "preparing":
+        return _abort(d, reason)
+    if d.phase == "committing":
+        return (d, []) if d.failing else (replace(d, failing=True, reason=reason), [])
+    if d.phase in ("holding", "paused", "baking"):
+        return _compensate(replace(d, failing=True), reason)
+    return d, []
 
 
 def _start(d: Deployment) -> tuple[Deployment, list[Action]]:
@@ -223,7 +250,9 @@ def _commit_first(d: Deployment) -> tuple[Deployment, list[Action]]:
     if not steps:
         return _abort(d, "no participant is available")
     d = replace(d, decision="commit", phase="committing", steps=steps, step_index=0)
-    return _send_step(d)
+    d, actions = _send_step(d)
+    left_out = tuple(d.in_phase("unavailable"))
+    return d, ([Send("abort", left_out)] if left_out else []) + actions
 
 
 def _live(d: Deployment, keys: tuple[Key, ...]) -> tuple[Key, ...]:
@@ -289,6 +318,8 @@ def _next_step(d: Deployment) -> tuple[Deployment, list[Action]]:
     d = replace(d, step_index=d.step_index + 1)
     if d.step_index == 1 and d.strategy.canary > 0 and d.strategy.canary_bake > 0:
         return replace(d, phase="holding"), [StartTimer("hold:1", d.strategy.canary_bake)]
+    if d.paused:
+        return replace(d, phase="paused"), []
     return _send_step(d)
 
 
@@ -343,7 +374,7 @@ def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
     if token == "bake" and d.phase == "baking":
         return _finish(d, "completed", "")
     if token == f"hold:{d.step_index}" and d.phase == "holding":
-        return _send_step(d)
+        return (replace(d, phase="paused"), []) if d.paused else _send_step(d)
     if token == f"commit:{d.step_index}" and d.phase == "committing":
         for key in d.steps[d.step_index]:
             if d.participants[key].phase == "committing":
@@ -424,6 +455,7 @@ def to_dict(d: Deployment) -> dict[str, object]:
         "revert_steps": [[list(k) for k in step] for step in d.revert_steps],
         "revert_index": d.revert_index,
         "cause": d.cause,
+        "paused": d.paused,
     }
 
 
@@ -444,4 +476,5 @@ def from_dict(data: dict[str, Any]) -> Deployment:
         revert_steps=tuple(tuple((h, s) for h, s in step) for step in data["revert_steps"]),
         revert_index=data["revert_index"],
         cause=data.get("cause", ""),
+        paused=data.get("paused", False),
     )

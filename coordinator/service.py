@@ -126,7 +126,7 @@ class Coordinator:
         return None
 
     async def _agent_report(self, body: AgentHello | Heartbeat) -> None:
-        labels = body.labels if isinstance(body, AgentHello) else None
+        labels = body.labels
         services = [s.model_dump() for s in body.services]
         if await self.store.agent_seen(body.host_id, services, labels):
             await self._emit(None, "agent.registered", {"host_id": body.host_id, "labels": labels})

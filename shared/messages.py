@@ -131,6 +131,8 @@ class Heartbeat(Body):
     KIND: ClassVar[str] = "heartbeat"
     host_id: str
     services: list[ServiceState]
+    labels: dict[str, str] | None = None
+    """Repeated so a coordinator that missed the agent's hello still learns them."""
 
 
 class Vote(Body):

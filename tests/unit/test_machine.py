@@ -21,6 +21,7 @@ from coordinator.machine import (
     ABORT_WAIT,
     TERMINAL,
     Action,
+    Control,
     Deployment,
     Event,
     Failed,
@@ -88,6 +89,8 @@ def ev(text: str) -> Event:
             return TimedOut(rest[0])
         case "failed":
             return Failed(" ".join(rest))
+        case "pause" | "resume" | "abort!":
+            return Control(word.rstrip("!"))  # type: ignore[arg-type]
     raise ValueError(text)
 
 
@@ -912,3 +915,59 @@ def test_runs_with_duplicates_and_stale_timers_always_end_consistent(
     _check_end(d, trace)
     for event in history:  # everything again, after the end: nothing changes
         assert step(d, event) == (d, [])
+
+
+# --- operator control (issue 4): pause, resume, abort ----------------------------------
+
+
+def test_pause_stops_further_batches_and_resume_sends_the_next() -> None:
+    d = prepared("h1 | h2 | h3")
+    d, actions = feed(d, "pause", "commit h1 ok")
+    assert d.phase == "paused"
+    assert sends(actions) == []
+    d, actions = feed(d, "resume")
+    assert d.phase == "committing"
+    assert sent_to(actions, "commit") == list(keys("h2"))
+
+
+def test_pause_during_a_canary_hold_waits_for_resume_after_the_hold() -> None:
+    d = prepared("h1 | h2", canary=1, canary_bake=5)
+    d, _ = feed(d, "commit h1 ok", "pause", "timer hold:1")
+    assert d.phase == "paused"
+    d, actions = feed(d, "resume")
+    assert sent_to(actions, "commit") == list(keys("h2"))
+
+
+@pytest.mark.parametrize(
+    ("history", "phase", "reverted", "aborted"),
+    [
+        (["started", "yes h1"], "aborting", "", "h1 h2"),
+        (["started", "yes h1", "yes h2", "pause", "commit h1 ok"], "reverting", "h1", "h2"),
+    ],
+)
+def test_operator_abort_returns_every_participant_to_the_starting_release(
+    history: list[str], phase: str, reverted: str, aborted: str
+) -> None:
+    d, _ = feed(make("h1 | h2"), *history)
+    after, actions = step(d, Control("abort"))
+    assert after.phase == phase
+    assert sent_to(actions, "revert") == list(keys(reverted))
+    assert sorted(sent_to(actions, "abort")) == sorted(keys(aborted))
+    assert "operator" in after.reason
+
+
+def test_operator_abort_while_committing_waits_for_the_batch_then_compensates() -> None:
+    d = prepared("h1 h2 | h3")
+    d, actions = feed(d, "abort!", "commit h1 ok")
+    assert sends(actions) == []
+    d, actions = feed(d, "commit h2 ok")
+    assert d.phase == "reverting"
+    assert sorted(sent_to(actions, "revert")) == sorted(keys("h1 h2"))
+
+
+def test_hosts_left_out_as_unavailable_are_told_to_abort_what_they_staged() -> None:
+    d, _ = feed(make("h1 h2", allow_unavailable=1), "started", "yes h1")
+    after, actions = step(d, TimedOut("prepare"))
+    assert after.phase == "committing"
+    assert sent_to(actions, "abort") == list(keys("h2"))
+    assert sent_to(actions, "commit") == list(keys("h1"))
