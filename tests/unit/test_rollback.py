@@ -125,3 +125,47 @@ def test_host_failure_compensates_only_a_participant_that_committed_that_version
     assert triggers.on_host_failure("other", "orders", "2.0.0", rows) is None
     rows[0]["machine"]["participants"][0]["phase"] = "committing"
     assert triggers.on_host_failure("h", "orders", "2.0.0", rows) is None
+
+
+# --- convergence and locks (issue 4) ---------------------------------------------------
+
+from coordinator import convergence  # noqa: E402
+
+
+def test_desired_is_the_release_restricted_to_services_whose_selector_matches() -> None:
+    web = sv("orders", "1.0.0").model_copy(update={"hosts": {"web": "yes"}})
+    pay = sv("payments", "1.0.0").model_copy(update={"hosts": {"pay": "yes"}})
+    cat = catalog(web, pay)
+    release = {"orders": "1.0.0", "payments": "1.0.0"}
+    assert convergence.desired({"web": "yes"}, release, cat) == {"orders": "1.0.0"}
+    assert convergence.desired({"web": "yes", "pay": "yes"}, release, cat) == release
+    assert convergence.desired({}, release, cat) == {}
+
+
+@pytest.mark.parametrize(
+    ("running", "overwrite", "fix", "unknown"),
+    [
+        ({"orders": "1.0.0"}, False, {}, {}),
+        ({}, False, {"orders": "1.0.0"}, {}),
+        ({"orders": None}, False, {"orders": "1.0.0"}, {}),
+        ({"orders": "0.9.0"}, False, {"orders": "1.0.0"}, {}),
+        ({"orders": "9.9.9"}, False, {}, {"orders": "9.9.9"}),
+        ({"orders": "9.9.9"}, True, {"orders": "1.0.0"}, {}),
+    ],
+)
+def test_drift_fixes_known_versions_and_reports_unknown_ones_unless_overwrite(
+    running: dict[str, str | None], overwrite: bool, fix: dict[str, str], unknown: dict[str, str]
+) -> None:
+    found = convergence.drift({"orders": "1.0.0"}, running, {("orders", "0.9.0"), ("orders", "1.0.0")}, overwrite)
+    assert (found.fix, found.unknown) == (fix, unknown)
+
+
+def test_locks_hold_changed_services_and_their_direct_requires_neighbours() -> None:
+    cat = catalog(
+        sv("inventory", "1.0.0"), sv("payments", "1.0.0", {"inventory": ">=1.0.0"}),
+        sv("orders", "1.0.0", {"payments": ">=1.0.0"}), sv("mail", "1.0.0"),
+    )
+    target = {"inventory": "1.0.0", "payments": "1.0.0", "orders": "1.0.0", "mail": "1.0.0"}
+    assert convergence.locks(["payments"], target, cat) == {"payments", "inventory", "orders"}
+    assert convergence.locks(["mail"], target, cat) == {"mail"}
+    assert convergence.locks(["orders"], target, cat) == {"orders", "payments"}

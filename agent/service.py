@@ -1,0 +1,246 @@
+"""The agent's service loop: consume commands, run them per service, report back.
+
+`agent.main.run` builds one `Agent` and awaits `start()`/`stop()`; tests do the same
+in-process. Start-up opens the store, connects, adopts the services recorded in the
+store, says hello, starts heartbeats, resumes commands received before a crash, then
+consumes `lockstep.agent.<host_id>`. The delivery handler only records a command
+durably and hands it to that service's serial worker, so the transport acks at once
+(SPEC 5: commands are never held unacked for the length of a deploy). `stop()` leaves
+every service running: the next agent adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.monitor import Monitor
+from agent.releases import Releases
+from agent.steps import Command, Steps
+from agent.store import CommandRecord, Store
+from agent.supervisor import Supervisor
+from shared import log, metrics, topology
+from shared.config import AgentSettings, BrokerSettings
+from shared.errors import ProtocolError, TransientError
+from shared.messages import (
+    Abort,
+    AgentHello,
+    Body,
+    Commit,
+    Health,
+    HealthChange,
+    Heartbeat,
+    Ping,
+    Prepare,
+    Revert,
+    Step,
+    StepResult,
+    Vote,
+    decode,
+    encode,
+    make,
+)
+from shared.tasks import TaskGroup
+from shared.transport import Broker, Delivery
+
+DB_NAME = "agent.db"
+RETRY_MAX = 5.0
+
+
+class Agent:
+    """One host's agent."""
+
+    def __init__(
+        self,
+        host_id: str,
+        labels: Mapping[str, str],
+        state_dir: Path,
+        broker_settings: BrokerSettings,
+        agent_settings: AgentSettings,
+    ) -> None:
+        self.host_id = host_id
+        self.labels = dict(labels)
+        self.state_dir = state_dir
+        self.broker_settings = broker_settings
+        self.settings = agent_settings
+        self.sender = f"agent:{host_id}"
+        self.broker = Broker(broker_settings, name=self.sender)
+        self.releases = Releases(state_dir)
+        self._tasks = TaskGroup(self.sender)
+        self.monitor = Monitor(self._tasks, self._on_health)
+        self._store: Store | None = None
+        self._supervisor: Supervisor | None = None
+        self._steps: Steps | None = None
+        self._queues: dict[str, asyncio.Queue[CommandRecord]] = {}
+        self._inflight: set[str] = set()
+        self._stopping = False
+        self._log = log.get("agent", host_id=host_id)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("the agent is not started")
+        return self._store
+
+    async def start(self) -> None:
+        """Open the store, connect, adopt services, say hello, then consume commands."""
+        self._store = await Store.open(self.state_dir / DB_NAME)
+        self._supervisor = Supervisor(
+            self.host_id, self.labels, self.releases, self._store, self.monitor, self.settings
+        )
+        self._steps = Steps(self._supervisor, self.settings)
+        await self.broker.connect()
+        queue = topology.agent_queue(self.host_id, self.broker_settings.agent_queue_type)
+        await self.broker.declare(queue)
+        await self._supervisor.adopt()
+        states = await self._supervisor.states()
+        await self._publish(AgentHello(host_id=self.host_id, labels=self.labels, services=states))
+        self._tasks.spawn(self._heartbeats(), "heartbeats", forever=True)
+        for record in await self._store.pending_commands():
+            self._log.info("command.resumed", command_id=record.id, step=record.step,
+                           service=record.service, deployment_id=record.deployment_id)  # fmt: skip
+            self._dispatch(record)
+        await self.broker.consume(queue.name, self._on_delivery)
+        self._log.info("agent.started", labels=self.labels, services=len(states))
+
+    async def stop(self) -> None:
+        """Stop consuming and working; every service keeps running."""
+        self._stopping = True
+        self.monitor.unwatch_all()
+        await self._tasks.close()
+        await self.broker.close()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        self._log.info("agent.stopped")
+
+    # --- receiving ----------------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        body = envelope.body
+        if isinstance(body, Ping):
+            await self._publish(await self._heartbeat_body())
+            return
+        if not isinstance(body, Prepare | Commit | Abort | Revert):
+            raise ProtocolError(f"kind: an agent does not accept {envelope.kind!r} messages")
+        service = body.spec.name if isinstance(body, Prepare) else body.service
+        record = await self.store.add_command(
+            envelope.id, body.deployment_id, service, body.KIND, encode(envelope).decode()
+        )
+        if record.state == "done" and record.result is not None:
+            self._log.info("command.duplicate", command_id=envelope.id, step=record.step,
+                           service=service, deployment_id=body.deployment_id)  # fmt: skip
+            await self._publish(_recorded(record))
+            return
+        self._dispatch(record)
+
+    def _dispatch(self, record: CommandRecord) -> None:
+        """Queue `record` on its service's worker (once, however often it arrives)."""
+        if self._stopping or record.id in self._inflight:
+            return
+        self._inflight.add(record.id)
+        queue = self._queues.get(record.service)
+        if queue is None:
+            queue = self._queues[record.service] = asyncio.Queue()
+            self._tasks.spawn(self._work(queue), f"worker:{record.service}", forever=True)
+        queue.put_nowait(record)
+
+    async def _work(self, queue: asyncio.Queue[CommandRecord]) -> None:
+        while True:
+            record = await queue.get()
+            try:
+                await self._execute(record)
+            finally:
+                self._inflight.discard(record.id)
+
+    async def _execute(self, record: CommandRecord) -> None:
+        command: Any = decode(record.body.encode()).body
+        logger = self._log.bind(deployment_id=record.deployment_id, service=record.service)
+        logger.info("command.started", step=record.step, command_id=record.id)
+        try:
+            result = await self._steps_or_fail().run(command)
+        except Exception as e:  # a bug must not wedge the service's worker
+            logger.exception("command.crashed", step=record.step)
+            result = _failure(command, self.host_id, f"agent error: {e!r}")
+        await self._report(result)
+        await self.store.finish_command(record.id, result.model_dump(mode="json"))
+        metrics.STEPS.labels(record.step, str(_succeeded(result)).lower()).inc()
+        logger.info("command.done", step=record.step, command_id=record.id)
+
+    def _steps_or_fail(self) -> Steps:
+        if self._steps is None:
+            raise RuntimeError("the agent is not started")
+        return self._steps
+
+    # --- reporting ----------------------------------------------------------------
+
+    async def _publish(self, body: Body) -> None:
+        envelope = make(body, self.sender)
+        await self.broker.publish(topology.REPORTS, topology.REPORTS_KEY, envelope)
+
+    async def _report(self, body: Body) -> None:
+        """Publish `body`, retrying with backoff while the broker is away."""
+        delay = 0.2
+        while True:
+            try:
+                await self._publish(body)
+                return
+            except TransientError as e:
+                self._log.warning("report.retry", kind=body.KIND, error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def _heartbeat_body(self) -> Heartbeat:
+        states = await self._supervisor_or_fail().states()
+        return Heartbeat(host_id=self.host_id, services=states, labels=self.labels)
+
+    def _supervisor_or_fail(self) -> Supervisor:
+        if self._supervisor is None:
+            raise RuntimeError("the agent is not started")
+        return self._supervisor
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                await self._publish(await self._heartbeat_body())
+            except TransientError as e:
+                self._log.warning("heartbeat.failed", error=str(e))
+
+    async def _on_health(self, service: str, health: Health, reason: str) -> None:
+        await self.store.set_health(service, health)
+        row = await self.store.service(service)
+        version = row.version if row is not None else None
+        change = HealthChange(
+            host_id=self.host_id, service=service, version=version, health=health, reason=reason
+        )
+        await self._publish(change)
+
+
+def _succeeded(report: Body) -> bool:
+    return report.yes if isinstance(report, Vote) else bool(getattr(report, "ok", False))
+
+
+def _recorded(record: CommandRecord) -> Body:
+    """The report recorded for a done command."""
+    if record.step == Prepare.KIND:
+        return Vote.model_validate(record.result)
+    return StepResult.model_validate(record.result)
+
+
+def _failure(command: Command, host_id: str, reason: str) -> Body:
+    """The report for a command whose step crashed."""
+    if isinstance(command, Prepare):
+        return Vote(deployment_id=command.deployment_id, host_id=host_id,
+                    service=command.spec.name, version=command.spec.version, yes=False,
+                    reason=reason)  # fmt: skip
+    step: Step = (
+        "commit"
+        if isinstance(command, Commit)
+        else ("abort" if isinstance(command, Abort) else "revert")
+    )
+    return StepResult(deployment_id=command.deployment_id, host_id=host_id,
+                      service=command.service, step=step, ok=False, reason=reason)  # fmt: skip

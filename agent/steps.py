@@ -1,0 +1,232 @@
+"""The four protocol steps on one host: prepare, commit, abort, revert (SPEC 6.1).
+
+The agent service's per-service worker calls `Steps.run(command)` and publishes the
+body it returns (a Vote or a StepResult). Each step first looks at the transaction's
+recorded state, so running a step again after a crash or a duplicate finds the work
+done and answers the same. Effects are recorded before the report is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+from agent import artifacts, driver
+from agent.releases import Releases
+from agent.store import Store, SwitchKind, Txn, TxnState
+from agent.supervisor import Supervisor
+from shared import log
+from shared.config import AgentSettings
+from shared.errors import PermanentError
+from shared.messages import Abort, Body, Commit, Prepare, Revert, Step, StepResult, Vote
+from shared.specs import ServiceVersion
+
+Command = Prepare | Commit | Abort | Revert
+PROTECTED: tuple[TxnState, ...] = ("preparing", "prepared")
+
+
+class Steps:
+    """Executes commands against this host's services."""
+
+    def __init__(self, supervisor: Supervisor, settings: AgentSettings) -> None:
+        self.sup = supervisor
+        self.store: Store = supervisor.store
+        self.releases: Releases = supervisor.releases
+        self.host_id = supervisor.host_id
+        self.settings = settings
+
+    async def run(self, command: Command) -> Body:
+        if isinstance(command, Prepare):
+            return await self.prepare(command)
+        if isinstance(command, Commit):
+            return await self.commit(command)
+        if isinstance(command, Abort):
+            return await self.abort(command)
+        return await self.revert(command)
+
+    def _logger(self, deployment_id: str | None, service: str) -> Any:
+        """The step logger, bound with host, deployment and service."""
+        return log.get(
+            "agent.steps", host_id=self.host_id, deployment_id=deployment_id, service=service
+        )
+
+    # --- prepare ----------------------------------------------------------------
+
+    async def prepare(self, cmd: Prepare) -> Vote:
+        spec, dep = cmd.spec, cmd.deployment_id
+        logger = self._logger(dep, spec.name)
+        existing = await self.store.txn(dep, spec.name)
+        if existing is not None and existing.state != "preparing":
+            yes = existing.state not in ("no", "aborted")
+            return self._vote(cmd, yes, "" if yes else f"transaction is {existing.state}")
+        txn = Txn(dep, spec.name, spec.version, cmd.from_version, spec, "preparing", None)
+        await self.store.put_txn(txn)
+        try:
+            staged = await self._stage(spec, dep)
+            self.sup.render(spec)  # refuses unknown ${...} before voting
+        except (PermanentError, OSError) as e:
+            self.releases.discard(spec.name, dep)
+            await self.store.put_txn(replace(txn, state="no"))
+            logger.warning("prepare.voted", yes=False, reason=str(e))
+            return self._vote(cmd, False, str(e))
+        await self.store.put_txn(replace(txn, state="prepared", staged_path=staged))
+        logger.info("prepare.voted", yes=True, version=spec.version, staged=staged is not None)
+        return self._vote(cmd, True, "")
+
+    async def _stage(self, spec: ServiceVersion, deployment_id: str) -> str | None:
+        """Stage the artifact unless an intact release is already here; the staged path."""
+        if self.releases.is_intact(spec):
+            return None
+        self.releases.discard(spec.name, deployment_id)
+        staged = self.releases.staging_dir(spec.name, deployment_id)
+        scratch = self.releases.download_path(spec.name, deployment_id)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(artifacts.fetch, spec.artifact, spec.sha256, staged, scratch)
+        self.releases.mark(staged, spec)
+        return str(staged)
+
+    def _vote(self, cmd: Prepare, yes: bool, reason: str) -> Vote:
+        return Vote(deployment_id=cmd.deployment_id, host_id=self.host_id, service=cmd.spec.name,
+                    version=cmd.spec.version, yes=yes, reason=reason)  # fmt: skip
+
+    # --- commit -----------------------------------------------------------------
+
+    async def commit(self, cmd: Commit) -> StepResult:
+        dep, name = cmd.deployment_id, cmd.service
+        logger = self._logger(dep, name)
+        txn = await self.store.txn(dep, name)
+        if txn is None or txn.state != "prepared":
+            return await self._commit_replay(cmd, txn)
+        spec = txn.spec
+        try:
+            self.releases.promote(spec, dep)
+            await self.sup.run_hook(spec, "before_start")
+        except (PermanentError, OSError) as e:
+            await self.store.set_txn_state(dep, name, "commit_failed")
+            logger.warning("commit.failed", reason=str(e))
+            return self._result(dep, name, "commit", False, str(e), await self._running(name))
+        reason = await self._switch_and_start(spec, dep, "commit")
+        if reason:
+            await self.store.set_txn_state(dep, name, "commit_failed")
+            logger.warning("commit.failed", version=spec.version, reason=reason)
+            return self._result(dep, name, "commit", False, reason, spec.version)
+        await self.store.set_txn_state(dep, name, "committed")
+        reason = await self._after_start(spec)
+        await self._gc(name)
+        logger.info("commit.done", version=spec.version)
+        return self._result(dep, name, "commit", True, reason, spec.version)
+
+    async def _commit_replay(self, cmd: Commit, txn: Txn | None) -> StepResult:
+        dep, name = cmd.deployment_id, cmd.service
+        running = await self._running(name)
+        if txn is not None and txn.state == "committed":
+            return self._result(dep, name, "commit", True, "", running)
+        state = "no transaction" if txn is None else f"transaction is {txn.state}"
+        return self._result(dep, name, "commit", False, f"not prepared: {state}", running)
+
+    async def _after_start(self, spec: ServiceVersion) -> str:
+        try:
+            await self.sup.run_hook(spec, "after_start")
+        except PermanentError as e:
+            return str(e)
+        return ""
+
+    async def _switch_and_start(self, spec: ServiceVersion, dep: str, kind: SwitchKind) -> str:
+        """Stop what runs, switch `current` to `spec`, start it; '' if healthy, else why."""
+        name = spec.name
+        previous = self.releases.current_version(name)
+        await self.sup.stop(name)
+        self.releases.switch(name, spec.version)
+        await self.store.add_switch(name, previous, spec.version, kind, dep)
+        try:
+            record = await self.sup.start(spec)
+            await self.sup.wait_healthy(spec, record)
+        except PermanentError as e:
+            return str(e)
+        return ""
+
+    # --- abort ------------------------------------------------------------------
+
+    async def abort(self, cmd: Abort) -> StepResult:
+        dep, name = cmd.deployment_id, cmd.service
+        self.releases.discard(name, dep)
+        txn = await self.store.txn(dep, name)
+        if txn is not None and txn.state in ("preparing", "prepared", "no"):
+            await self.store.set_txn_state(dep, name, "aborted")
+        self._logger(dep, name).info("abort.done")
+        return self._result(dep, name, "abort", True, "", await self._running(name))
+
+    # --- revert -----------------------------------------------------------------
+
+    async def revert(self, cmd: Revert) -> StepResult:
+        dep, name = cmd.deployment_id, cmd.service
+        logger = self._logger(dep, name)
+        self.releases.discard(name, dep)
+        try:
+            reason = await self._revert(name, cmd.to, dep)
+        except (PermanentError, OSError) as e:
+            reason = str(e)
+        ok = not reason
+        if await self.store.txn(dep, name) is not None:
+            await self.store.set_txn_state(dep, name, "reverted" if ok else "revert_failed")
+        running = await self._running(name)
+        if ok:
+            await self._gc(name)
+            logger.info("revert.done", running=running)
+        else:
+            logger.warning("revert.failed", reason=reason, running=running)
+        return self._result(dep, name, "revert", ok, reason, running)
+
+    async def _revert(self, name: str, to: ServiceVersion | None, dep: str) -> str:
+        """Go back to `to` (None: stop the service); '' on success, else why not."""
+        if to is not None and await self._already_running(to):
+            return ""  # a repeated revert: do not restart a healthy service
+        await self._before_rollback(name)
+        if to is None:
+            await self._stop_service(name, dep)
+            return ""
+        if not self.releases.is_intact(to):
+            await self._stage(to, dep)
+            self.releases.promote(to, dep)
+        return await self._switch_and_start(to, dep, "revert")
+
+    async def _already_running(self, spec: ServiceVersion) -> bool:
+        row = await self.store.service(spec.name)
+        if row is None or row.version != spec.version or row.process is None:
+            return False
+        return driver.is_alive(row.process) and row.health == "healthy"
+
+    async def _before_rollback(self, name: str) -> None:
+        row = await self.store.service(name)
+        if row is not None:
+            await self.sup.run_hook(row.spec, "before_rollback")
+
+    async def _stop_service(self, name: str, dep: str) -> None:
+        previous = self.releases.current_version(name)
+        await self.sup.stop(name)
+        self.releases.remove_current(name)
+        await self.store.delete_service(name)
+        self.sup.monitor.unwatch(name, "stopped")
+        await self.store.add_switch(name, previous, None, "stop", dep)
+
+    # --- helpers ----------------------------------------------------------------
+
+    async def _running(self, name: str) -> str | None:
+        row = await self.store.service(name)
+        return None if row is None else row.version
+
+    async def _gc(self, name: str) -> None:
+        protect = {t.version for t in await self.store.txns(name, PROTECTED)}
+        running = await self._running(name)
+        if running:
+            protect.add(running)
+        removed = self.releases.gc(name, self.settings.keep_releases, protect)
+        if removed:
+            self._logger(None, name).info("releases.removed", versions=removed)
+
+    def _result(
+        self, dep: str, name: str, step: Step, ok: bool, reason: str, running: str | None
+    ) -> StepResult:
+        return StepResult(deployment_id=dep, host_id=self.host_id, service=name,
+                          step=step, ok=ok, reason=reason, running=running)  # fmt: skip

@@ -1,0 +1,261 @@
+"""The agent's durable state: one SQLite file (WAL, synchronous=FULL).
+
+The only agent module that imports aiosqlite. The agent service records every command
+before acking it (`add_command` is idempotent by envelope id and by (deployment,
+service, step)), the steps record transactions, what runs, and every `current` switch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from agent.driver import ProcessRecord
+from shared.messages import Health
+from shared.specs import ServiceVersion
+
+TxnState = Literal[
+    "preparing", "prepared", "no", "committed", "commit_failed", "aborted", "reverted",
+    "revert_failed",
+]  # fmt: skip
+SwitchKind = Literal["commit", "revert", "stop"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY, deployment_id TEXT NOT NULL, service TEXT NOT NULL,
+    step TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL, result TEXT,
+    UNIQUE (deployment_id, service, step));
+CREATE TABLE IF NOT EXISTS txns (
+    deployment_id TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL,
+    from_version TEXT, spec TEXT NOT NULL, state TEXT NOT NULL, staged_path TEXT,
+    PRIMARY KEY (deployment_id, service));
+CREATE TABLE IF NOT EXISTS services (
+    service TEXT PRIMARY KEY, version TEXT NOT NULL, spec TEXT NOT NULL, pid INTEGER,
+    pgid INTEGER, start_time INTEGER, release_dir TEXT NOT NULL, health TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS switches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, service TEXT NOT NULL,
+    from_version TEXT, to_version TEXT, kind TEXT NOT NULL, deployment_id TEXT);
+"""
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    id: str
+    deployment_id: str
+    service: str
+    step: str
+    body: str
+    """The command's envelope as received (JSON)."""
+    state: Literal["received", "done"]
+    result: dict[str, Any] | None
+    """The report body sent for it (JSON object), once done."""
+
+
+@dataclass(frozen=True)
+class Txn:
+    deployment_id: str
+    service: str
+    version: str
+    from_version: str | None
+    spec: ServiceVersion
+    state: TxnState
+    staged_path: str | None
+
+
+@dataclass(frozen=True)
+class ServiceRow:
+    service: str
+    version: str
+    spec: ServiceVersion
+    process: ProcessRecord | None
+    release_dir: str
+    health: Health
+
+
+@dataclass(frozen=True)
+class Switch:
+    id: int
+    ts: float
+    service: str
+    from_version: str | None
+    to_version: str | None
+    kind: SwitchKind
+    deployment_id: str | None
+
+
+class Store:
+    """The agent's SQLite store; open with `await Store.open(path)`."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.executescript(SCHEMA)
+        await db.commit()
+        return cls(db)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # --- commands ---------------------------------------------------------------
+
+    async def add_command(
+        self, id: str, deployment_id: str, service: str, step: str, body: str
+    ) -> CommandRecord:
+        """Record a received command; an existing one (same id or step) is returned as is."""
+        existing = await self._command(
+            "id = ? OR (deployment_id = ? AND service = ? AND step = ?)",
+            (id, deployment_id, service, step),
+        )
+        if existing is not None:
+            return existing
+        await self._db.execute(
+            "INSERT INTO commands (id, deployment_id, service, step, body, state)"
+            " VALUES (?, ?, ?, ?, ?, 'received')",
+            (id, deployment_id, service, step, body),
+        )
+        await self._db.commit()
+        return CommandRecord(id, deployment_id, service, step, body, "received", None)
+
+    async def finish_command(self, id: str, result: dict[str, Any]) -> None:
+        await self._db.execute(
+            "UPDATE commands SET state = 'done', result = ? WHERE id = ?", (json.dumps(result), id)
+        )
+        await self._db.commit()
+
+    async def pending_commands(self) -> list[CommandRecord]:
+        """Commands received but not done, in the order they arrived."""
+        async with self._db.execute(
+            "SELECT * FROM commands WHERE state = 'received' ORDER BY rowid"
+        ) as cursor:
+            return [_command(row) for row in await cursor.fetchall()]
+
+    async def _command(self, where: str, args: tuple[Any, ...]) -> CommandRecord | None:
+        async with self._db.execute(f"SELECT * FROM commands WHERE {where}", args) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _command(row)
+
+    # --- transactions -----------------------------------------------------------
+
+    async def put_txn(self, txn: Txn) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO txns VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                txn.deployment_id, txn.service, txn.version, txn.from_version,
+                txn.spec.model_dump_json(), txn.state, txn.staged_path,
+            ),
+        )  # fmt: skip
+        await self._db.commit()
+
+    async def set_txn_state(self, deployment_id: str, service: str, state: TxnState) -> None:
+        await self._db.execute(
+            "UPDATE txns SET state = ? WHERE deployment_id = ? AND service = ?",
+            (state, deployment_id, service),
+        )
+        await self._db.commit()
+
+    async def txn(self, deployment_id: str, service: str) -> Txn | None:
+        async with self._db.execute(
+            "SELECT * FROM txns WHERE deployment_id = ? AND service = ?", (deployment_id, service)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _txn(row)
+
+    async def txns(self, service: str, states: tuple[TxnState, ...]) -> list[Txn]:
+        marks = ", ".join("?" for _ in states)
+        async with self._db.execute(
+            f"SELECT * FROM txns WHERE service = ? AND state IN ({marks})", (service, *states)
+        ) as cursor:
+            return [_txn(row) for row in await cursor.fetchall()]
+
+    # --- services ---------------------------------------------------------------
+
+    async def put_service(self, row: ServiceRow) -> None:
+        process = row.process
+        await self._db.execute(
+            "INSERT OR REPLACE INTO services VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.service, row.version, row.spec.model_dump_json(),
+                process.pid if process else None, process.pgid if process else None,
+                process.start_time if process else None, row.release_dir, row.health,
+            ),
+        )  # fmt: skip
+        await self._db.commit()
+
+    async def set_health(self, service: str, health: Health) -> None:
+        await self._db.execute(
+            "UPDATE services SET health = ? WHERE service = ?", (health, service)
+        )
+        await self._db.commit()
+
+    async def delete_service(self, service: str) -> None:
+        await self._db.execute("DELETE FROM services WHERE service = ?", (service,))
+        await self._db.commit()
+
+    async def services(self) -> list[ServiceRow]:
+        async with self._db.execute("SELECT * FROM services ORDER BY service") as cursor:
+            return [_service(row) for row in await cursor.fetchall()]
+
+    async def service(self, name: str) -> ServiceRow | None:
+        async with self._db.execute("SELECT * FROM services WHERE service = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _service(row)
+
+    # --- switches ---------------------------------------------------------------
+
+    async def add_switch(
+        self,
+        service: str,
+        from_version: str | None,
+        to_version: str | None,
+        kind: SwitchKind,
+        deployment_id: str | None,
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO switches (ts, service, from_version, to_version, kind, deployment_id)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), service, from_version, to_version, kind, deployment_id),
+        )
+        await self._db.commit()
+
+    async def switches(self, service: str | None = None) -> list[Switch]:
+        where, args = ("WHERE service = ?", (service,)) if service else ("", ())
+        async with self._db.execute(f"SELECT * FROM switches {where} ORDER BY id", args) as cursor:
+            return [Switch(**dict(row)) for row in await cursor.fetchall()]
+
+
+def _command(row: aiosqlite.Row) -> CommandRecord:
+    result = json.loads(row["result"]) if row["result"] else None
+    return CommandRecord(
+        row["id"], row["deployment_id"], row["service"], row["step"], row["body"],
+        row["state"], result,
+    )  # fmt: skip
+
+
+def _txn(row: aiosqlite.Row) -> Txn:
+    spec = ServiceVersion.model_validate_json(row["spec"])
+    return Txn(
+        row["deployment_id"], row["service"], row["version"], row["from_version"], spec,
+        row["state"], row["staged_path"],
+    )  # fmt: skip
+
+
+def _service(row: aiosqlite.Row) -> ServiceRow:
+    process = None
+    if row["pid"] is not None:
+        process = ProcessRecord(row["pid"], row["pgid"], row["start_time"])
+    spec = ServiceVersion.model_validate_json(row["spec"])
+    return ServiceRow(
+        row["service"], row["version"], spec, process, row["release_dir"], row["health"]
+    )

@@ -1,0 +1,102 @@
+"""Fixtures of the agent tests: a test playing coordinator and in-process agents."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from agent.service import Agent
+from shared import topology
+from shared.config import AgentSettings, BrokerSettings
+from shared.messages import Body, Envelope, make
+from shared.transport import Broker, Delivery
+from tests.agent.helpers import eventually
+from tests.support.artifacts import free_port
+from tests.support.procs import Procs
+
+B = TypeVar("B", bound=Body)
+HOST = "h1"
+
+
+@dataclass
+class Coordinator:
+    """The test plays coordinator: it collects reports and sends commands to HOST."""
+
+    broker: Broker
+    reports: list[Envelope] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.broker.declare(topology.coordinator_queue())
+        await self.broker.consume(topology.COORDINATOR_QUEUE, self._on_report)
+
+    async def _on_report(self, delivery: Delivery) -> None:
+        self.reports.append(delivery.envelope)
+
+    async def send(self, body: Body, envelope: Envelope | None = None) -> Envelope:
+        envelope = envelope or make(body, "coordinator:test")
+        await self.broker.publish(
+            topology.COMMANDS, topology.host_key(HOST), envelope, mandatory=True
+        )
+        return envelope
+
+    def bodies(self, kind: type[B], **match: Any) -> list[B]:
+        found = [e.body for e in self.reports if isinstance(e.body, kind)]
+        return [b for b in found if all(getattr(b, k) == v for k, v in match.items())]
+
+    async def wait(self, kind: type[B], count: int = 1, timeout: float = 20, **match: Any) -> B:
+        """The `count`-th report of `kind` whose fields equal `match`."""
+        what = f"{count} x {kind.__name__} {match}"
+        found = await eventually(
+            lambda: len(self.bodies(kind, **match)) >= count, what, timeout=timeout
+        )
+        assert found
+        return self.bodies(kind, **match)[count - 1]
+
+
+@dataclass
+class Fleet:
+    """Agents for HOST sharing one state dir; stopped (services left running) at teardown."""
+
+    amqp_url: str
+    state_dir: Path
+    port: int
+    agents: list[Agent] = field(default_factory=list)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"role": "web", "demo_port": str(self.port)}
+
+    async def start_agent(self) -> Agent:
+        agent = Agent(
+            HOST,
+            self.labels,
+            self.state_dir,
+            BrokerSettings(amqp_url=self.amqp_url),
+            AgentSettings(heartbeat_interval=0.5, stop_grace=3, keep_releases=3),
+        )
+        self.agents.append(agent)
+        await agent.start()
+        return agent
+
+    async def stop_agent(self, agent: Agent) -> None:
+        self.agents.remove(agent)
+        await agent.stop()
+
+
+@pytest.fixture
+async def coordinator(broker: Broker) -> Coordinator:
+    c = Coordinator(broker)
+    await c.start()
+    return c
+
+
+@pytest.fixture
+async def fleet(amqp_url: str, tmp_path: Path, procs: Procs) -> AsyncIterator[Fleet]:
+    f = Fleet(amqp_url, tmp_path / "state", free_port())
+    yield f
+    for agent in list(f.agents):
+        await f.stop_agent(agent)
