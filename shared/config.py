@@ -57,3 +57,9 @@ class AgentSettings(BaseSettings):
     """Release dirs kept per service (never the running or a prepared one)."""
     stop_grace: Duration = 10.0
     """SIGTERM to SIGKILL grace when stopping a service."""
+    hook_timeout: Duration = 300.0
+    """How long a hook (before_start, after_start, before_rollback) may run."""
+    crash_loop_exits: int = Field(default=3, ge=1)
+    """Unexpected exits within `crash_loop_window` that make a crash loop."""
+    crash_loop_window: Duration = 60.0
+    """The window in which `crash_loop_exits` exits count as a crash loop."""

@@ -176,6 +176,18 @@ class CrashLoop(Body):
     """Seconds within which the service exited `exits` times."""
 
 
+class Inquiry(Body):
+    """An agent restarted with a prepared transaction and no outcome: what was decided?
+
+    The coordinator answers by sending the decision again as a command (commit, abort).
+    """
+
+    KIND: ClassVar[str] = "txn.inquiry"
+    deployment_id: str
+    host_id: str
+    service: str
+
+
 # --- alerts from monitoring, events for other systems ------------------------------
 
 
@@ -196,7 +208,7 @@ class Event(Body):
 BODIES: tuple[type[Body], ...] = (
     RegisterRequest, DeployRequest, RollbackRequest, QueryRequest, Reply,
     Prepare, Commit, Abort, Revert, Ping,
-    AgentHello, Heartbeat, Vote, StepResult, HealthChange, CrashLoop, Alert, Event,
+    AgentHello, Heartbeat, Vote, StepResult, HealthChange, CrashLoop, Inquiry, Alert, Event,
 )  # fmt: skip
 
 
