@@ -23,7 +23,7 @@ Key = tuple[str, str]
 """(host, service): one participant."""
 
 Phase = Literal[
-    "preparing", "committing", "holding", "paused", "baking", "reverting", "aborting",
+    "queued", "preparing", "committing", "holding", "paused", "baking", "reverting", "aborting",
     "completed", "aborted", "rolled_back", "failed",
 ]  # fmt: skip
 TERMINAL: frozenset[str] = frozenset({"completed", "aborted", "rolled_back", "failed"})
@@ -31,7 +31,7 @@ ABORT_WAIT = 30.0
 """Seconds to wait for agents to confirm an abort before calling it done anyway."""
 
 PPhase = Literal[
-    "preparing", "prepared", "refused", "unavailable", "committing", "committed",
+    "queued", "preparing", "prepared", "refused", "unavailable", "committing", "committed",
     "commit_failed", "aborting", "aborted", "reverting", "reverted", "revert_failed",
 ]  # fmt: skip
 
@@ -182,10 +182,17 @@ def new(
     )
 
 
+def queued(deployment_id: str, strategy: Strategy, reason: str = "") -> Deployment:
+    """A deployment waiting for its services to be free; planned when it starts."""
+    return Deployment(deployment_id, strategy, (), {}, {}, phase="queued", reason=reason)
+
+
 def step(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
     """The deployment after `event`, and what the loop must do next."""
     if d.done:
         return d, []
+    if d.phase == "queued":
+        return _while_queued(d, event)
     match event:
         case Started():
             return _start(d)
@@ -196,17 +203,28 @@ def step(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
         case TimedOut():
             return _timed_out(d, event.timer)
         case Failed():
-            if d.phase == "committing":
-                if d.failing:
-                    return d, []
-                return replace(d, failing=True, reason=event.reason, cause=event.cause), []
-            if d.phase in ("baking", "holding"):
-                return _compensate(replace(d, failing=True, cause=event.cause), event.reason)
-            return d, []
+            return _failed(d, event)
         case Recovered():
             return _recovered(d)
         case Control():
             return _control(d, event.action)
+
+
+def _failed(d: Deployment, e: Failed) -> tuple[Deployment, list[Action]]:
+    """A committed participant failed: compensate, after the batch in flight if any."""
+    if d.phase == "committing":
+        if d.failing:
+            return d, []
+        return replace(d, failing=True, reason=e.reason, cause=e.cause), []
+    if d.phase in ("baking", "holding", "paused"):
+        return _compensate(replace(d, failing=True, cause=e.cause), e.reason)
+    return d, []
+
+
+def _while_queued(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
+    if event == Control("abort"):
+        return _finish(d, "aborted", "cancelled by an operator before it started")
+    return d, []
 
 
 def _control(d: Deployment, action: str) -> tuple[Deployment, list[Action]]:

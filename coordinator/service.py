@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from coordinator import machine, rollback, triggers, views
+from coordinator.intake import Intake, Request
 from coordinator.machine import Key
-from coordinator.planner import AgentInfo, plan
-from coordinator.resolver import resolve
 from coordinator.store import Store
+from coordinator.watch import Watch
 from shared import log, metrics, topology
 from shared.config import BrokerSettings, CoordinatorSettings
 from shared.errors import BrokerUnavailable, ProtocolError, UserError
@@ -29,12 +28,14 @@ from shared.messages import (
     Alert,
     Body,
     Commit,
+    ControlRequest,
     CrashLoop,
     DeployRequest,
     ErrorInfo,
     Event,
     HealthChange,
     Heartbeat,
+    Inquiry,
     Prepare,
     QueryRequest,
     RegisterRequest,
@@ -45,7 +46,6 @@ from shared.messages import (
     Vote,
     make,
 )
-from shared.specs import Strategy
 from shared.tasks import TaskGroup
 from shared.transport import Broker, Delivery, Unroutable
 
@@ -61,21 +61,30 @@ class Coordinator:
         self._lock = asyncio.Lock()
         self._log = log.get("coordinator")
         self.store: Store
+        self.intake: Intake
 
     async def start(self) -> None:
         self.store = await Store.open(self.db_path)
+        self.intake = Intake(self.store, self.lost_after, self._begin)
         await self.broker.connect()
         await self.broker.declare(topology.coordinator_queue())
         for row in await self.store.deployments(in_flight=True):
-            self._log.info("deployment.recovering", deployment_id=row["deployment_id"])
-            await self.drive(row["deployment_id"], machine.Recovered())
+            if row["state"] != "queued":
+                self._log.info("deployment.recovering", deployment_id=row["deployment_id"])
+                await self.drive(row["deployment_id"], machine.Recovered())
+        await self.intake.start_ready()
         await self.broker.consume(topology.COORDINATOR_QUEUE, self.handle)
+        watch = Watch(self.store, self.settings, self.intake, self._emit)
+        self._tasks.spawn(watch.run(), "watch", forever=True)
         self._log.info("coordinator.started", db=str(self.db_path))
 
     async def stop(self) -> None:
         await self._tasks.close()
         await self.broker.close()
         await self.store.close()
+
+    def _begin(self, deployment_id: str) -> None:
+        self._tasks.spawn(self.drive(deployment_id, machine.Started()), f"start:{deployment_id}")
 
     @property
     def lost_after(self) -> float:
@@ -97,11 +106,15 @@ class Coordinator:
             case RegisterRequest():
                 return Reply(ok=True, data={"versions": await self.store.register(body.versions)})
             case DeployRequest():
-                return await self.deploy(
-                    delivery.envelope.id, body.services, body.strategy, dry_run=body.dry_run
-                )
+                request = Request(services=body.services, strategy=body.strategy, queue=body.queue)
+                data = await self.intake.submit(delivery.envelope.id, request, body.dry_run)
+                return Reply(ok=True, data=data)
             case RollbackRequest():
-                return await self.rollback(delivery.envelope.id, body)
+                return Reply(ok=True, data=await self.rollback(delivery.envelope.id, body))
+            case ControlRequest():
+                return Reply(ok=True, data=await self.control(body))
+            case Inquiry():
+                await self._inquiry(body)
             case QueryRequest():
                 return Reply(ok=True, data=await self.query(body))
             case AgentHello() | Heartbeat():
@@ -156,67 +169,9 @@ class Coordinator:
             raise UserError("deployment_id", f"no deployment {body.deployment_id!r}")
         return views.deployment(row)
 
-    async def deploy(
-        self,
-        request_id: str,
-        services: dict[str, str],
-        strategy: Strategy,
-        *,
-        dry_run: bool = False,
-        trigger: str = "operator",
-        kind: str = "deploy",
-        release_id: int | None = None,
-        reason: str = "",
-    ) -> Reply:
-        """Resolve, plan and durably accept a deployment, then start it.
-
-        `release_id` names an existing release the deployment returns to (rollbacks);
-        otherwise a changed version set becomes a new release.
-        """
-        earlier = await self.store.deployment_by_request(request_id)
-        if earlier is not None:
-            return Reply(ok=True, data=views.deployment(earlier))
-        catalog = await self.store.catalog()
-        current_id, current = await self.store.current_release()
-        target = resolve(current, services, catalog)
-        agent_rows = await self.store.agents()
-        now = time.time()
-        live = [
-            AgentInfo(a["host_id"], a["labels"], views.alive(a, now, self.lost_after))
-            for a in agent_rows
-        ]
-        running = {
-            a["host_id"]: {s["service"]: s["version"] for s in a["services"]} for a in agent_rows
-        }
-        the_plan = plan(current, target, catalog, live, strategy, running,
-                        consumers_first=kind == "rollback")  # fmt: skip
-        if dry_run:
-            return Reply(ok=True, data={"services": target, "plan": the_plan.to_dict()})
-        await self._refuse_overlap(the_plan.changed)
-        if not the_plan.changed:
-            release_id = current_id
-        deployment_id = uuid.uuid4().hex[:12]
-        steps = [
-            [machine.Participant(p.host, p.service, p.version, p.from_version) for p in batch]
-            for wave in the_plan.waves
-            for batch in wave.batches
-        ]
-        state = machine.new(deployment_id, strategy, steps, dict(the_plan.rank), reason)
-        await self.store.create_deployment(
-            deployment_id=deployment_id, request_id=request_id, trigger=trigger, kind=kind,
-            target=target, from_release_id=current_id, release_id=release_id,
-            plan=the_plan.to_dict(), machine=machine.to_dict(state),
-        )  # fmt: skip
-        self._log.info("deployment.accepted", deployment_id=deployment_id, kind=kind,
-                       trigger=trigger, services=target)  # fmt: skip
-        self._tasks.spawn(self.drive(deployment_id, machine.Started()), f"start:{deployment_id}")
-        row = await self.store.deployment(deployment_id)
-        assert row is not None
-        return Reply(ok=True, data=views.deployment(row))
-
     async def rollback(
         self, request_id: str, body: RollbackRequest, trigger: str = "operator", reason: str = ""
-    ) -> Reply:
+    ) -> dict[str, Any]:
         """Deploy the last good (or named) release, or move back only some services."""
         releases = await self.store.releases()
         current_id, current = await self.store.current_release()
@@ -227,18 +182,57 @@ class Coordinator:
             if found is None:
                 raise UserError("rollback", "there is no earlier good release to roll back to")
             target = found
+        services, reuse = dict(target["services"]), target["release_id"]
         if body.services and body.to is None:
             catalog = await self.store.catalog()
-            services = rollback.dependents_target(
-                current, target["services"], body.services, catalog
-            )
-            reuse = target["release_id"] if services == target["services"] else None
+            services = rollback.dependents_target(current, services, body.services, catalog)
+            reuse = reuse if services == target["services"] else None
+        request = Request(services=services, strategy=body.strategy, kind="rollback",
+                          trigger=trigger, release_id=reuse, reason=reason)  # fmt: skip
+        return await self.intake.submit(request_id, request)
+
+    async def control(self, body: ControlRequest) -> dict[str, Any]:
+        """An operator's pause, resume or abort of a deployment, or converge of a host."""
+        if body.action == "converge":
+            if not body.host_id or not await self.store.set_agent(body.host_id, overwrite=True):
+                raise UserError("host", f"no agent {body.host_id!r}")
+            return {"host_id": body.host_id, "overwrite": True}
+        deployment_id = body.deployment_id or await self._only_in_flight()
+        if await self.store.deployment(deployment_id) is None:
+            raise UserError("deployment_id", f"no deployment {deployment_id!r}")
+        await self.drive(deployment_id, machine.Control(body.action))
+        row = await self.store.deployment(deployment_id)
+        assert row is not None
+        return views.deployment(row)
+
+    async def _only_in_flight(self) -> str:
+        rows = await self.store.deployments(in_flight=True)
+        if len(rows) != 1:
+            ids = ", ".join(r["deployment_id"] for r in rows) or "none"
+            raise UserError("deployment_id", f"name the deployment ({len(rows)} in flight: {ids})")
+        return str(rows[0]["deployment_id"])
+
+    async def _inquiry(self, body: Inquiry) -> None:
+        """An agent in doubt: send it the decision again (presumed abort if none)."""
+        row = await self.store.deployment(body.deployment_id)
+        key = (body.host_id, body.service)
+        state = machine.from_dict(row["machine"]) if row else None
+        p = state.participants.get(key) if state else None
+        if (
+            state is None
+            or p is None
+            or state.decision == "abort"
+            or p.phase in ("aborting", "aborted", "unavailable", "refused")
+        ):
+            body_out: Body = Abort(deployment_id=body.deployment_id, service=body.service)
+        elif p.phase in ("committing", "committed") or (state.done and state.decision == "commit"):
+            body_out = Commit(deployment_id=body.deployment_id, service=body.service,
+                              version=p.version)  # fmt: skip
         else:
-            services, reuse = dict(target["services"]), target["release_id"]
-        return await self.deploy(
-            request_id, services, body.strategy, trigger=trigger, kind="rollback",
-            release_id=reuse, reason=reason,
-        )  # fmt: skip
+            return  # undecided or not yet its batch: the decision will come
+        self._log.info("inquiry.answered", deployment_id=body.deployment_id,
+                       host_id=body.host_id, command=body_out.KIND)  # fmt: skip
+        await self._publish_command(body.host_id, body_out)
 
     # --- automatic rollback triggers (SPEC 6.2) ------------------------------------------
 
@@ -280,17 +274,6 @@ class Coordinator:
                 request = RollbackRequest(services=list(decision.services))
                 await self.rollback(alert_id, request, trigger="alert", reason=reason)
 
-    async def _refuse_overlap(self, changed: tuple[str, ...]) -> None:
-        for row in await self.store.deployments(in_flight=True):
-            touched = {p["service"] for p in row["machine"]["participants"]}
-            overlap = sorted(touched & set(changed))
-            if overlap:
-                raise UserError(
-                    "services",
-                    f"deployment {row['deployment_id']} is in flight for "
-                    f"{', '.join(overlap)}; wait for it to end",
-                )
-
     # --- the deployment loop ------------------------------------------------------------
 
     async def drive(self, deployment_id: str, event: machine.Event) -> None:
@@ -326,6 +309,7 @@ class Coordinator:
                 self._tasks.spawn(self._timer(d.id, action), f"timer:{d.id}:{action.token}")
             case machine.Finished():
                 metrics.DEPLOYMENTS.labels(action.phase).inc()
+                self._tasks.spawn(self.intake.start_ready(), f"dequeue:{d.id}")
                 self._log.info(
                     "deployment.finished",
                     deployment_id=d.id,

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     kind TEXT NOT NULL DEFAULT 'deploy', new_release INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS agents (
     host_id TEXT PRIMARY KEY, labels TEXT NOT NULL, services TEXT NOT NULL,
-    last_seen REAL NOT NULL, first_seen REAL NOT NULL);
+    last_seen REAL NOT NULL, first_seen REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'alive', overwrite INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, type TEXT NOT NULL,
     deployment_id TEXT, data TEXT NOT NULL);
@@ -186,8 +187,11 @@ class Store:
         release_id, from_id = row["release_id"], row["from_release_id"]
         if row["new_release"]:
             await self._set_release_state(release_id, RELEASE_STATE[phase])
-        if phase != "completed" or release_id is None:
+        if phase != "completed" or release_id is None or row["kind"] == "converge":
             return
+        current_id, current = await self.current_release()
+        if row["new_release"] and current_id != from_id:
+            release_id = await self._merge(deployment_id, release_id, from_id, current)
         await self._db.execute(
             "INSERT INTO fleet VALUES ('current_release_id', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -196,8 +200,114 @@ class Store:
         if row["kind"] == "rollback" and from_id is not None and from_id != release_id:
             await self._set_release_state(from_id, "bad")
 
+    async def _merge(
+        self, deployment_id: str, release_id: int, from_id: int | None, current: dict[str, str]
+    ) -> int:
+        """Another deployment completed meanwhile (disjoint locks): keep both changes."""
+        mine = json.loads(
+            (await self._rows("SELECT services FROM releases WHERE id = ?", release_id))[0][
+                "services"
+            ]
+        )
+        base: dict[str, str] = {}
+        if from_id is not None:
+            base = json.loads(
+                (await self._rows("SELECT services FROM releases WHERE id = ?", from_id))[0][
+                    "services"
+                ]
+            )
+        merged = {**current, **{k: v for k, v in mine.items() if base.get(k) != v}}
+        if merged == mine:
+            return release_id
+        cursor = await self._db.execute(
+            "INSERT INTO releases (services, state, created_at, deployment_id) "
+            "VALUES (?, 'good', ?, ?)",
+            (json.dumps(merged, sort_keys=True), time.time(), deployment_id),
+        )
+        merged_id = int(cursor.lastrowid or 0)
+        await self._db.execute(
+            "UPDATE deployments SET release_id = ? WHERE id = ?", (merged_id, deployment_id)
+        )
+        return merged_id
+
     async def _set_release_state(self, release_id: int, state: str) -> None:
         await self._db.execute("UPDATE releases SET state = ? WHERE id = ?", (state, release_id))
+
+    async def queue_deployment(
+        self,
+        *,
+        deployment_id: str,
+        request_id: str,
+        trigger: str,
+        kind: str,
+        target: dict[str, str],
+        request: dict[str, Any],
+        locks: list[str],
+        machine: dict[str, Any],
+    ) -> None:
+        """Record an accepted request that starts when its services are free (FIFO)."""
+        await self._db.execute(
+            "INSERT INTO deployments (id, request_id, trigger, state, services, plan, machine, "
+            "started_at, kind, new_release) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, 0)",
+            (
+                deployment_id,
+                request_id,
+                trigger,
+                json.dumps(target, sort_keys=True),
+                json.dumps({"request": request, "locks": locks}),
+                json.dumps(machine),
+                time.time(),
+                kind,
+            ),
+        )
+        await self._db.commit()
+
+    async def start_deployment(
+        self,
+        *,
+        deployment_id: str,
+        target: dict[str, str],
+        from_release_id: int | None,
+        release_id: int | None,
+        plan: dict[str, Any],
+        machine: dict[str, Any],
+    ) -> None:
+        """A queued deployment starts: its release (new if `release_id` is None) and plan."""
+        new_release = release_id is None
+        if release_id is None:
+            cursor = await self._db.execute(
+                "INSERT INTO releases (services, state, created_at, deployment_id) "
+                "VALUES (?, 'pending', ?, ?)",
+                (json.dumps(target, sort_keys=True), time.time(), deployment_id),
+            )
+            release_id = cursor.lastrowid
+        row = (await self._rows("SELECT plan FROM deployments WHERE id = ?", deployment_id))[0]
+        stored = {**json.loads(row["plan"]), **plan}
+        await self._db.execute(
+            "UPDATE deployments SET release_id = ?, from_release_id = ?, state = ?, services = ?, "
+            "plan = ?, machine = ?, new_release = ? WHERE id = ?",
+            (
+                release_id,
+                from_release_id,
+                machine["phase"],
+                json.dumps(target, sort_keys=True),
+                json.dumps(stored),
+                json.dumps(machine),
+                int(new_release),
+                deployment_id,
+            ),
+        )
+        await self._add_events(deployment_id, [(f"deployment.{machine['phase']}", {})])
+        await self._db.commit()
+
+    async def deployed_pairs(self) -> set[tuple[str, str]]:
+        """Every (service, version) that is part of some release."""
+        rows = await self._rows("SELECT services FROM releases")
+        return {pair for r in rows for pair in json.loads(r["services"]).items()}
+
+    async def last_ended(self) -> float:
+        rows = await self._rows("SELECT MAX(ended_at) AS t FROM deployments")
+        return float(rows[0]["t"] or 0.0)
 
     async def deployment(self, deployment_id: str) -> dict[str, Any] | None:
         rows = await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id)
@@ -237,7 +347,8 @@ class Store:
         if rows and labels is None:
             labels = json.loads(rows[0]["labels"])
         await self._db.execute(
-            "INSERT INTO agents VALUES (?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
+            "INSERT INTO agents (host_id, labels, services, last_seen, first_seen) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
             "labels = excluded.labels, services = excluded.services, "
             "last_seen = excluded.last_seen",
             (host_id, json.dumps(labels or {}), json.dumps(services), now, now),
@@ -267,9 +378,23 @@ class Store:
                 "labels": json.loads(r["labels"]),
                 "services": json.loads(r["services"]),
                 "last_seen": r["last_seen"],
+                "state": r["state"],
+                "overwrite": bool(r["overwrite"]),
             }
             for r in rows
         ]
+
+    async def set_agent(
+        self, host_id: str, *, state: str | None = None, overwrite: bool | None = None
+    ) -> bool:
+        """Update an agent's liveness state or overwrite flag; False if the host is unknown."""
+        cursor = await self._db.execute(
+            "UPDATE agents SET state = COALESCE(?, state), overwrite = COALESCE(?, overwrite) "
+            "WHERE host_id = ?",
+            (state, None if overwrite is None else int(overwrite), host_id),
+        )
+        await self._db.commit()
+        return cursor.rowcount > 0
 
     # --- events -------------------------------------------------------------------
 

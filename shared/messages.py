@@ -41,6 +41,8 @@ class DeployRequest(Body):
     services: dict[str, str] = Field(min_length=1)
     strategy: Strategy = Field(default_factory=Strategy)
     dry_run: bool = False
+    queue: bool = True
+    """False: refuse instead of waiting behind a deployment of overlapping services."""
 
 
 class RollbackRequest(Body):
@@ -49,6 +51,15 @@ class RollbackRequest(Body):
     services: list[str] = Field(default_factory=list)
     strategy: Strategy = Field(default_factory=Strategy)
     force: bool = False
+
+
+class ControlRequest(Body):
+    """pause, resume or abort a deployment; converge lets a host's unknown versions go."""
+
+    KIND: ClassVar[str] = "control"
+    action: Literal["pause", "resume", "abort", "converge"]
+    deployment_id: str | None = None
+    host_id: str | None = None
 
 
 class QueryRequest(Body):
@@ -206,7 +217,7 @@ class Event(Body):
 
 
 BODIES: tuple[type[Body], ...] = (
-    RegisterRequest, DeployRequest, RollbackRequest, QueryRequest, Reply,
+    RegisterRequest, DeployRequest, RollbackRequest, ControlRequest, QueryRequest, Reply,
     Prepare, Commit, Abort, Revert, Ping,
     AgentHello, Heartbeat, Vote, StepResult, HealthChange, CrashLoop, Inquiry, Alert, Event,
 )  # fmt: skip

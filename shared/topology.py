@@ -20,7 +20,7 @@ DEAD = "lockstep.dead"
 COORDINATOR_QUEUE = "lockstep.coordinator"
 DEAD_QUEUE = "lockstep.dead"
 REPORTS_KEY = "coordinator"
-REQUEST_KEYS = ("register", "deploy", "rollback", "query")
+REQUEST_KEYS = ("register", "deploy", "rollback", "query", "pause", "resume", "abort", "converge")
 
 REASON_HEADER = "x-lockstep-reason"
 """Header on a dead-lettered message: why it was rejected."""

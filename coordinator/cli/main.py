@@ -23,6 +23,7 @@ from coordinator.cli.client import (
     EXIT_BAD_INPUT,
     EXIT_NOT_REACHED,
     EXIT_OK,
+    EXIT_UNREACHABLE,
     ask,
     call,
     emit,
@@ -30,8 +31,14 @@ from coordinator.cli.client import (
 )
 from shared import log
 from shared.config import BrokerSettings, CoordinatorSettings
-from shared.errors import UserError
-from shared.messages import DeployRequest, QueryRequest, RegisterRequest, RollbackRequest
+from shared.errors import BrokerUnavailable, UserError
+from shared.messages import (
+    ControlRequest,
+    DeployRequest,
+    QueryRequest,
+    RegisterRequest,
+    RollbackRequest,
+)
 from shared.specs import Strategy, load_release_file, load_service_version, validate
 from shared.transport import Broker
 
@@ -69,7 +76,10 @@ def coordinator(
     from coordinator.service import serve
 
     log.setup()
-    _run_forever(serve(db, BrokerSettings(), CoordinatorSettings(), metrics_port))
+    try:
+        _run_forever(serve(db, BrokerSettings(), CoordinatorSettings(), metrics_port))
+    except BrokerUnavailable as e:
+        fail(EXIT_UNREACHABLE, "unreachable", str(e))
 
 
 @app.command()
@@ -91,6 +101,8 @@ def agent(
         run(host_id, labels, state_dir, driver, metrics_port)
     except UserError as e:
         fail(EXIT_BAD_INPUT, "user", e.reason, e.field)
+    except BrokerUnavailable as e:
+        fail(EXIT_UNREACHABLE, "unreachable", str(e))
 
 
 def _pair(text: str, where: str) -> tuple[str, str]:
@@ -193,6 +205,9 @@ def deploy(
     allow_unavailable: Unavailable = None,
     prepare_timeout: PrepareTimeout = None,
     commit_timeout: CommitTimeout = None,
+    no_queue: Annotated[
+        bool, typer.Option("--no-queue", help="Refuse instead of waiting behind overlapping work.")
+    ] = False,
 ) -> None:
     """Start a deployment (`--wait` follows it to the end)."""
     flags = {
@@ -206,8 +221,8 @@ def deploy(
         fail(EXIT_BAD_INPUT, "user", e.reason, e.field, as_json=as_json)
 
     async def go(broker: Broker) -> int:
-        doc = await ask(broker, "deploy", DeployRequest(services=services, strategy=strategy))
-        return await _follow(broker, doc, wait, as_json)
+        body = DeployRequest(services=services, strategy=strategy, queue=not no_queue)
+        return await _follow(broker, await ask(broker, "deploy", body), wait, as_json)
 
     call(go, as_json=as_json)
 
@@ -250,6 +265,39 @@ def rollback(
     call(go, as_json=as_json)
 
 
+# --- operator control of a running deployment ------------------------------------------
+
+Target = Annotated[str | None, typer.Argument(help="Deployment id (default: the one in flight).")]
+
+
+def _control(action: str, deployment_id: str | None, as_json: bool) -> NoReturn:
+    body = ControlRequest.model_validate({"action": action, "deployment_id": deployment_id})
+
+    async def go(broker: Broker) -> int:
+        emit(await ask(broker, action, body), as_json, render.deployment)
+        return EXIT_OK
+
+    call(go, as_json=as_json)
+
+
+@app.command()
+def pause(deployment_id: Target = None, as_json: Json = False) -> None:
+    """Let the batches in flight finish, then start no further batch."""
+    _control("pause", deployment_id, as_json)
+
+
+@app.command()
+def resume(deployment_id: Target = None, as_json: Json = False) -> None:
+    """Continue a paused deployment."""
+    _control("resume", deployment_id, as_json)
+
+
+@app.command()
+def abort(deployment_id: Target = None, as_json: Json = False) -> None:
+    """Return every participant to the release the deployment started from."""
+    _control("abort", deployment_id, as_json)
+
+
 # --- read-only views ------------------------------------------------------------------
 
 
@@ -279,14 +327,22 @@ def history(as_json: Json = False) -> None:
 
 @app.command()
 def agents(
-    action: Annotated[str | None, typer.Argument(help="approve")] = None,
-    host: Annotated[str | None, typer.Argument(help="Host to approve.")] = None,
+    action: Annotated[str | None, typer.Argument(help="converge (or approve, with keys)")] = None,
+    host: Annotated[str | None, typer.Argument(help="The host to act on.")] = None,
     as_json: Json = False,
 ) -> None:
-    """Hosts, labels, liveness, key state; `agents approve HOST`."""
+    """Hosts, labels, liveness, key state; `agents converge HOST` replaces unknown versions."""
+    if action == "converge" and host:
+        body = ControlRequest(action="converge", host_id=host)
+
+        async def go(broker: Broker) -> int:
+            emit(await ask(broker, "converge", body), as_json, lambda d: f"{host}: will converge")
+            return EXIT_OK
+
+        call(go, as_json=as_json)
     if action is not None:
-        fail(EXIT_BAD_INPUT, "user", "agent keys arrive with signing; nothing to approve yet",
-             "approve", as_json=as_json)  # fmt: skip
+        fail(EXIT_BAD_INPUT, "user", f"unknown action {action!r} (or missing HOST); "
+             "`approve` arrives with agent keys", "action", as_json=as_json)  # fmt: skip
     _query("agents", as_json, render.agents)
 
 

@@ -23,17 +23,19 @@ def register(doc: dict[str, Any]) -> str:
 def plan(doc: dict[str, Any]) -> str:
     lines = [f"target: {_set(doc['services'])}"]
     waves = doc["plan"]["waves"]
+    canary = doc.get("strategy", {}).get("canary", 0)
     if not waves:
         lines.append("nothing to change")
     for i, wave in enumerate(waves, 1):
         sync = " (synchronized)" if wave["synchronized"] else ""
         lines.append(f"wave {i}: {', '.join(wave['services'])}{sync}")
         for j, batch in enumerate(wave["batches"], 1):
+            label = "canary" if canary and i == j == 1 else f"batch {j}"
             moves = ", ".join(
                 f"{p['host']}:{p['service']} {p['from_version'] or '-'} -> {p['version']}"
                 for p in batch
             )
-            lines.append(f"  batch {j}: {moves}")
+            lines.append(f"  {label}: {moves}")
         lines.append(f"  after: {_set(wave['state_after'])}")
     return "\n".join(lines)
 

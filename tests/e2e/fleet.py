@@ -23,7 +23,7 @@ from tests.support.artifacts import build_artifact, free_port, service_toml
 from tests.support.procs import Procs, kill_group, wait_until
 
 LOCKSTEP = str(Path(sys.executable).parent / "lockstep")
-SERVICES = ("orders", "payments")
+SERVICES = ("orders", "payments", "mail")
 
 
 @dataclass
@@ -89,6 +89,30 @@ class Fleet:
         os.kill(proc.pid, signal.SIGKILL)  # the agent alone, not its services
         proc.wait(10)
 
+    def signal_agent(self, host_id: str, sig: int) -> None:
+        """SIGSTOP/SIGCONT the agent process alone (its services keep running)."""
+        proc = self.hosts[host_id].proc
+        assert proc is not None
+        os.kill(proc.pid, sig)
+
+    def cli_background(self, *args: str) -> subprocess.Popen[str]:
+        """Start a CLI command and return at once; `finish` collects it."""
+        return subprocess.Popen(
+            [LOCKSTEP, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    @staticmethod
+    def finish(proc: subprocess.Popen[str], timeout: float = 120) -> Result:
+        out, err = proc.communicate(timeout=timeout)
+        return Result(proc.returncode, json.loads(out) if out.strip() else None, out, err)
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        for row in self.history()["deployments"]:
+            if row["deployment_id"] == deployment_id:
+                return dict(row)
+        raise AssertionError(f"no deployment {deployment_id}")
+
     def wait_alive(self, *host_ids: str, timeout: float = 20) -> None:
         def alive() -> bool:
             result = self.cli("agents", "--json")
@@ -120,6 +144,7 @@ class Fleet:
         fail_health: bool = False,
         fail_health_after: float | None = None,
         sha256: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Path:
         path, digest = build_artifact(
             self.artifacts, name, version, fail_health=fail_health,
@@ -128,7 +153,7 @@ class Fleet:
         deadline = "3s" if fail_health else "10s"
         text = service_toml(
             name, version, path, sha256 or digest, requires=requires, hosts=hosts,
-            start_deadline=deadline,
+            start_deadline=deadline, env=env,
         )  # fmt: skip
         self.specs.mkdir(exist_ok=True)
         spec = self.specs / f"{name}-{version}.toml"

@@ -65,6 +65,7 @@ def service_toml(
     interval: str = "0.1s",
     healthy_after: int = 2,
     start_deadline: str = "10s",
+    env: dict[str, str] | None = None,
 ) -> str:
     """The TOML text of the ServiceVersion running `artifact` on ${meta.<name>_port}."""
     port = f"${{meta.{name}_port}}"
@@ -77,7 +78,7 @@ def service_toml(
         f"run = {_q(run)}",
         f"requires = {_inline(requires or {})}",
         f"hosts = {_inline(hosts or {})}",
-        f"env = {_inline({'PORT': port})}",
+        f"env = {_inline({'PORT': port, **(env or {})})}",
         "",
         "[health]",
         f"http = {_q(f'http://127.0.0.1:{port}/health')}",
