@@ -25,6 +25,10 @@ class BrokerSettings(BaseSettings):
     """How long a process waits for the broker before giving up."""
     request_timeout: Duration = 15.0
     """How long the CLI waits for the coordinator's reply (then exit code 3)."""
+    reconnect_interval: Duration = 1.0
+    """Pause between reconnection attempts after the broker went away."""
+    publish_retry: Duration = 30.0
+    """How long a publish keeps re-sending through a broker outage before failing."""
 
 
 class CoordinatorSettings(BaseSettings):

@@ -15,9 +15,7 @@ HANDLED = Counter("lockstep_messages_handled_total", "Messages handled and acked
 DEPLOYMENTS = Counter(
     "lockstep_deployments_finished_total", "Deployments that ended, by outcome", ["state"]
 )
-STEPS = Counter(
-    "lockstep_agent_steps_total", "Protocol steps executed by an agent", ["step", "ok"]
-)
+STEPS = Counter("lockstep_agent_steps_total", "Protocol steps executed by an agent", ["step", "ok"])
 AGENTS_ALIVE = Gauge("lockstep_agents_alive", "Agents whose heartbeat is current")
 
 

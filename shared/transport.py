@@ -77,6 +77,7 @@ class Broker:
         self._queues: list[AbstractQueue] = []  # strong refs: robust objects are weak-held
         self._tasks = TaskGroup("transport")
         self._replies: dict[str, asyncio.Future[Envelope]] = {}
+        self._specs: dict[str, topology.Queue] = {}
         self._reply_queue: AbstractQueue | None = None
 
     async def connect(self) -> None:
@@ -85,6 +86,7 @@ class Broker:
             self._connection = await aio_pika.connect_robust(
                 self.settings.amqp_url,
                 timeout=self.settings.connect_timeout,
+                reconnect_interval=self.settings.reconnect_interval,
                 client_properties={"connection_name": self.name},
             )
             self._publish_channel = await self._connection.channel(
@@ -124,8 +126,11 @@ class Broker:
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"declaring the topology failed: {e!r}") from e
 
-    async def _declare_queue(self, spec: topology.Queue) -> AbstractQueue:
-        queue = await self.channel.declare_queue(
+    async def _declare_queue(
+        self, spec: topology.Queue, channel: AbstractChannel | None = None
+    ) -> AbstractQueue:
+        self._specs[spec.name] = spec
+        queue = await (channel or self.channel).declare_queue(
             spec.name, durable=True, arguments=cast(Any, spec.declare_arguments())
         )
         for exchange, key in spec.bindings:
@@ -149,7 +154,11 @@ class Broker:
         reply_to: str | None = None,
         correlation_id: str | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm."""
+        """Publish persistently and wait for the broker's confirm.
+
+        Through a broker outage the same envelope is re-sent until it is confirmed or
+        `publish_retry` runs out: receivers deduplicate by envelope id.
+        """
         message = aio_pika.Message(
             encode(sign(envelope)),
             content_type="application/json",
@@ -159,7 +168,18 @@ class Broker:
             correlation_id=correlation_id,
             type=envelope.kind,
         )
-        await self._publish(exchange, routing_key, message, mandatory)
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_retry
+        pause = 0.1
+        while True:
+            try:
+                await self._publish(exchange, routing_key, message, mandatory)
+                return
+            except BrokerUnavailable:
+                if asyncio.get_running_loop().time() + pause > deadline:
+                    raise
+                self._log.warning("publish.retry", exchange=exchange, routing_key=routing_key)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def _publish(
         self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
@@ -192,12 +212,20 @@ class Broker:
     # --- consuming --------------------------------------------------------------
 
     async def consume(self, queue_name: str, handler: Handler) -> None:
-        """Feed `queue_name` to `handler`, one delivery at a time, in order."""
+        """Feed a queue this broker declared to `handler`, one delivery at a time, in order.
+
+        The queue is declared again on the consuming channel: aio-pika restores only the
+        queues a robust channel declared, so this is what brings the consumer back after
+        a broker restart.
+        """
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        spec = self._specs.get(queue_name)
+        if spec is None:
+            raise BrokerUnavailable(f"{queue_name} was not declared by this connection")
         try:
             channel = await self._connection_or_fail().channel()
             await channel.set_qos(prefetch_count=self.settings.prefetch)
-            queue = await channel.get_queue(queue_name, ensure=False)
+            queue = await self._declare_queue(spec, channel)
             self._queues.append(queue)
             await queue.consume(inbox.put)
         except _BROKER_ERRORS as e:
