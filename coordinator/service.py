@@ -19,7 +19,7 @@ from coordinator.intake import Intake, Request
 from coordinator.machine import Key
 from coordinator.store import Store
 from coordinator.watch import Watch
-from shared import log, metrics, topology
+from shared import faults, log, metrics, topology
 from shared.config import BrokerSettings, CoordinatorSettings
 from shared.errors import BrokerUnavailable, ProtocolError, UserError
 from shared.messages import (
@@ -292,8 +292,11 @@ class Coordinator:
                 [] if after.phase == before.phase else [(f"deployment.{after.phase}", {})]
             )
             await self.store.save_deployment(machine.to_dict(after), events)
+            _fault_points(before, after)
             for action in actions:
                 follow_ups += await self._perform(row, after, action)
+            if any(isinstance(a, machine.Send) and a.command == "prepare" for a in actions):
+                faults.point("coordinator.prepare_sent")
             if after.phase != before.phase:
                 await self._emit_deployment(deployment_id)
         for follow_up in follow_ups:
@@ -393,6 +396,14 @@ class Coordinator:
             )
         except BrokerUnavailable as e:
             self._log.warning("event.unpublished", type=kind, error=str(e))
+
+
+def _fault_points(before: machine.Deployment, after: machine.Deployment) -> None:
+    """The named crash points of the fault suite (no-ops unless a test asks)."""
+    if before.decision is None and after.decision == "commit":
+        faults.point("coordinator.decided")
+    if after.phase == "committing" and after.step_index == 1 and before.step_index == 0:
+        faults.point("coordinator.mid_commit")
 
 
 async def serve(

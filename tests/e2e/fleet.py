@@ -55,10 +55,12 @@ class Fleet:
 
     # --- processes ----------------------------------------------------------------
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, fault: str | None = None) -> None:
+        """Start the coordinator; with `fault`, it kills itself at that protocol point."""
+        env = dict(self.env, LOCKSTEP_FAULT_POINT=fault) if fault else self.env
         self.coordinator = self.procs.start(
             [LOCKSTEP, "coordinator", "--db", str(self.root / "coordinator.db")],
-            env=self.env,
+            env=env,
             log=self.root / "coordinator.log",
         )
         wait_until(lambda: self.cli("status", "--json").code == 0, 20, "the coordinator to answer")
@@ -76,12 +78,14 @@ class Fleet:
         self.start_agent(host_id)
         return host
 
-    def start_agent(self, host_id: str) -> None:
+    def start_agent(self, host_id: str, fault: str | None = None) -> None:
+        """Start an agent; with `fault`, it kills itself at that protocol point."""
+        env = dict(self.env, LOCKSTEP_FAULT_POINT=fault) if fault else self.env
         host = self.hosts[host_id]
         args = [LOCKSTEP, "agent", "--host-id", host_id, "--state-dir", str(host.state_dir)]
         for key, value in host.labels.items():
             args += ["--label", f"{key}={value}"]
-        host.proc = self.procs.start(args, env=self.env, log=self.root / f"{host_id}.log")
+        host.proc = self.procs.start(args, env=env, log=self.root / f"{host_id}.log")
 
     def kill_agent(self, host_id: str) -> None:
         proc = self.hosts[host_id].proc
@@ -145,6 +149,7 @@ class Fleet:
         fail_health_after: float | None = None,
         sha256: str | None = None,
         env: dict[str, str] | None = None,
+        artifact_url: str | None = None,
     ) -> Path:
         path, digest = build_artifact(
             self.artifacts, name, version, fail_health=fail_health,
@@ -153,7 +158,7 @@ class Fleet:
         deadline = "3s" if fail_health else "10s"
         text = service_toml(
             name, version, path, sha256 or digest, requires=requires, hosts=hosts,
-            start_deadline=deadline, env=env,
+            start_deadline=deadline, env=env, artifact_url=artifact_url,
         )  # fmt: skip
         self.specs.mkdir(exist_ok=True)
         spec = self.specs / f"{name}-{version}.toml"

@@ -66,6 +66,7 @@ def service_toml(
     healthy_after: int = 2,
     start_deadline: str = "10s",
     env: dict[str, str] | None = None,
+    artifact_url: str | None = None,
 ) -> str:
     """The TOML text of the ServiceVersion running `artifact` on ${meta.<name>_port}."""
     port = f"${{meta.{name}_port}}"
@@ -73,7 +74,7 @@ def service_toml(
     lines = [
         f"name = {_q(name)}",
         f"version = {_q(version)}",
-        f"artifact = {_q(artifact.resolve().as_uri())}",
+        f"artifact = {_q(artifact_url or artifact.resolve().as_uri())}",
         f"sha256 = {_q(sha256)}",
         f"run = {_q(run)}",
         f"requires = {_inline(requires or {})}",
