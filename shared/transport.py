@@ -27,7 +27,13 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
+from aiormq.exceptions import ChannelAccessRefused
 
 from shared import log, metrics, topology
 from shared.config import BrokerSettings
@@ -194,6 +200,10 @@ class Broker:
             )
         except aiormq.exceptions.PublishError as e:
             raise Unroutable(f"no queue for {exchange}/{routing_key}") from e
+        except ChannelNotFoundEntity as e:
+            raise Unroutable(f"no exchange {exchange}") from e
+        except (ChannelAccessRefused, ChannelPreconditionFailed) as e:
+            raise ProtocolError(f"the broker refused {exchange}/{routing_key}: {e!r}") from e
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"publish to {exchange}/{routing_key} failed: {e!r}") from e
 
@@ -319,7 +329,7 @@ class Broker:
             )
             answer = await asyncio.wait_for(future, wait or self.settings.request_timeout)
         except Unroutable as e:
-            raise BrokerUnavailable("no coordinator queue: is a coordinator running?") from e
+            raise BrokerUnavailable(f"{e}: is a coordinator running?") from e
         except TimeoutError as e:
             raise CoordinatorTimeout(f"the coordinator did not answer {routing_key}") from e
         finally:

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import typer
 
+from shared import log
 from shared.config import BrokerSettings
 from shared.errors import BrokerUnavailable, CoordinatorTimeout, UserError
 from shared.messages import Body, Reply
@@ -34,6 +35,7 @@ def fail(code: int, kind: str, reason: str, field: str = "", *, as_json: bool = 
 
 def call(fn: Callable[[Broker], Awaitable[int]], *, as_json: bool) -> NoReturn:
     """Run `fn` with a broker connection; exit with its code or the error's."""
+    log.setup("error")  # stdout is for documents: logs go to stderr, and only errors
     try:
         code = asyncio.run(_with_broker(fn))
     except UserError as e:
