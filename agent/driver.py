@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,6 +27,47 @@ from shared.errors import PermanentError
 POLL = 0.05
 KILL_WAIT = 5.0
 """How long to wait for a SIGKILLed process to disappear."""
+
+_COMPOUND = re.compile(r"[;&|()<>`$\n]")
+"""Shell syntax after which `exec` would change what the command does."""
+_BUILTINS = frozenset(
+    [
+        "exit",
+        "cd",
+        "export",
+        "set",
+        "source",
+        ".",
+        "eval",
+        "exec",
+        "if",
+        "for",
+        "while",
+        "until",
+        "case",
+        "{",
+        "!",
+        "return",
+        "trap",
+        "ulimit",
+        "umask",
+        "wait",
+        "read",
+        "shift",
+        "unset",
+        "readonly",
+        "local",
+    ]
+)
+
+
+def _execable(command: str) -> bool:
+    """Whether `exec` may replace the shell: one plain program, no shell syntax."""
+    words = command.split()
+    if not words or _COMPOUND.search(command):
+        return False
+    return words[0] not in _BUILTINS and "=" not in words[0]
+
 
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Popen objects of services this process started: kept so they are reaped, not leaked."""
@@ -58,6 +100,8 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def start(command: str, cwd: Path, env: Mapping[str, str], log_path: Path) -> ProcessRecord:
     """Start `command` (shell) in `cwd`, detached; output appended to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if _execable(command):
+        command = f"exec {command}"  # the recorded pid is the server, not a shell around it
     try:
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
@@ -102,6 +146,16 @@ def exit_reason(record: ProcessRecord) -> str:
 def _signal_group(record: ProcessRecord, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(record.pgid, sig)
+
+
+def kill_leftovers(record: ProcessRecord) -> None:
+    """SIGKILL what remains of the process group of `record` once its leader is gone.
+
+    The run command is started through a shell: when that shell dies, the server it
+    started may live on (holding the service's port), and must not meet its successor.
+    """
+    if not is_alive(record):
+        _signal_group(record, signal.SIGKILL)
 
 
 async def stop(record: ProcessRecord, grace: float) -> None:

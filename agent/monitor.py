@@ -4,7 +4,9 @@ The agent's supervisor starts a watch when a service is running and stops it bef
 any step touches that service. Each watch probes every `interval`; `healthy_after`
 consecutive passes make a service healthy, as many consecutive failures (or its
 process exiting) make it unhealthy. Every transition goes to `on_change` (the agent
-publishes a HealthChange); the current health is kept for heartbeats.
+publishes a HealthChange); the current health is kept for heartbeats. A process that
+exits while watched goes to `on_exit` (the supervisor restarts it or declares a crash
+loop); a deliberate stop unwatches the service first, so it is never seen as an exit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from shared.tasks import TaskGroup
 
 OnChange = Callable[[str, Health, str], Awaitable[None]]
 """(service, new health, reason)"""
+OnExit = Callable[[str, ProcessRecord, str], Awaitable[None]]
+"""(service, the process that exited, how it ended)"""
 
 
 @dataclass
@@ -40,9 +44,10 @@ class _Watch:
 class Monitor:
     """Health watches of this host's running services."""
 
-    def __init__(self, tasks: TaskGroup, on_change: OnChange) -> None:
+    def __init__(self, tasks: TaskGroup, on_change: OnChange, on_exit: OnExit) -> None:
         self._tasks = tasks
         self._on_change = on_change
+        self._on_exit = on_exit
         self._watches: dict[str, _Watch] = {}
         self._health: dict[str, Health] = {}
         self._log = log.get("agent.monitor")
@@ -50,6 +55,11 @@ class Monitor:
     def health(self, service: str) -> Health:
         """The last known health of `service` ("unknown" if never watched)."""
         return self._health.get(service, "unknown")
+
+    def watching(self, service: str) -> ProcessRecord | None:
+        """The process of the current watch of `service`, if it is watched."""
+        watch = self._watches.get(service)
+        return None if watch is None else watch.record
 
     def set(self, service: str, value: Health) -> None:
         """Record `value` without a watch (a step just learnt it)."""
@@ -87,7 +97,10 @@ class Monitor:
         passes = fails = 0
         while not await _stopped_within(watch.stopped, watch.spec.interval):
             if not driver.is_alive(watch.record):
-                await self._change(service, watch, "unhealthy", driver.exit_reason(watch.record))
+                ended = driver.exit_reason(watch.record)
+                self._log.warning("service.exited", service=service, reason=ended)
+                await self._change(service, watch, "unhealthy", ended)
+                await self._on_exit(service, watch.record, ended)
                 return
             reason = await health.probe(watch.spec, watch.cwd, watch.env)
             if watch.stopped.is_set():

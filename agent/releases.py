@@ -4,9 +4,13 @@
     <state_dir>/services/<name>/current                symlink to releases/<version>
     <state_dir>/services/<name>/staging/<deployment>/  prepared but not committed
     <state_dir>/services/<name>/logs/<version>.log     the service's stdout/stderr
+    <state_dir>/services/<name>/releases/.<version>.manifest.json   what it held
 
-Used by the agent's steps and supervisor; pure filesystem work, no asyncio. A release
-is intact when its marker file records the artifact and digest it was built from.
+Used by the agent's steps and supervisor; pure filesystem work, no asyncio (hashing a
+release blocks: callers on the event loop use a worker thread). A release is intact
+when its marker file records the artifact and digest it was built from AND its files
+still match the manifest recorded when it was promoted (`agent.manifest`); a release
+without a manifest (promoted by an older agent) is not intact.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import uuid
 from collections.abc import Collection
 from pathlib import Path
 
+from agent import manifest
+from shared import log
 from shared.specs import ServiceVersion
 
 MARKER = ".lockstep-release.json"
+_log = log.get("agent.releases")
 
 
 class Releases:
@@ -48,6 +55,10 @@ class Releases:
     def log_file(self, name: str, version: str) -> Path:
         return self.root / name / "logs" / f"{version}.log"
 
+    def manifest_file(self, name: str, version: str) -> Path:
+        """The sidecar manifest of releases/<version> (outside the release dir)."""
+        return self.root / name / "releases" / f".{version}.manifest.json"
+
     # --- staging ----------------------------------------------------------------
 
     def mark(self, tree: Path, spec: ServiceVersion) -> None:
@@ -56,15 +67,25 @@ class Releases:
         (tree / MARKER).write_text(json.dumps(marker))
 
     def is_intact(self, spec: ServiceVersion) -> bool:
-        """Whether releases/<version> exists and was built from `spec`'s artifact."""
-        marker = self.release_dir(spec.name, spec.version) / MARKER
+        """Whether releases/<version> was built from `spec`'s artifact and is unchanged."""
+        release = self.release_dir(spec.name, spec.version)
         try:
-            recorded = json.loads(marker.read_text())
+            recorded = json.loads((release / MARKER).read_text())
+            held = manifest.Manifest.from_json(
+                self.manifest_file(spec.name, spec.version).read_text()
+            )
         except (OSError, ValueError):
             return False
         if spec.sha256 is not None:
-            return bool(recorded.get("sha256") == spec.sha256)
-        return bool(recorded.get("artifact") == spec.artifact)
+            if recorded.get("sha256") != spec.sha256:
+                return False
+        elif recorded.get("artifact") != spec.artifact:
+            return False
+        found = manifest.problems(release, held)
+        if found:
+            _log.warning("release.tampered", service=spec.name, version=spec.version,
+                         problems=found[:5])  # fmt: skip
+        return not found
 
     def promote(self, spec: ServiceVersion, deployment_id: str) -> Path:
         """Move staging/<deployment_id> to releases/<version> (kept if already intact)."""
@@ -75,12 +96,25 @@ class Releases:
         elif staged.is_dir():
             if target.exists():
                 shutil.rmtree(target)
+            self.manifest_file(spec.name, spec.version).unlink(missing_ok=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, target)
+            self._record_manifest(spec.name, spec.version)
         else:
             raise FileNotFoundError(f"neither {target} nor {staged} holds release {spec.version}")
         os.utime(target / MARKER)  # promotion time orders releases for GC
         return target
+
+    def _record_manifest(self, name: str, version: str) -> None:
+        """Write the manifest of releases/<version> next to it (atomically)."""
+        held = manifest.build(self.release_dir(name, version), skip=frozenset({MARKER}))
+        path = self.manifest_file(name, version)
+        temp = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
+        with temp.open("w") as f:
+            f.write(held.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
 
     def discard(self, name: str, deployment_id: str) -> None:
         """Remove what a deployment staged for `name` (nothing staged is fine)."""
@@ -129,6 +163,7 @@ class Releases:
         removed = removable[: max(0, excess)]
         for version in removed:
             shutil.rmtree(self.release_dir(name, version), ignore_errors=True)
+            self.manifest_file(name, version).unlink(missing_ok=True)
         return removed
 
 

@@ -3,10 +3,12 @@
 `agent.main.run` builds one `Agent` and awaits `start()`/`stop()`; tests do the same
 in-process. Start-up opens the store, connects, adopts the services recorded in the
 store, says hello, starts heartbeats, resumes commands received before a crash, then
-consumes `lockstep.agent.<host_id>`. The delivery handler only records a command
+consumes `lockstep.agent.<host_id>`, then asks the coordinator about every prepared
+transaction it holds (`agent.indoubt`). The delivery handler only records a command
 durably and hands it to that service's serial worker, so the transport acks at once
-(SPEC 5: commands are never held unacked for the length of a deploy). `stop()` leaves
-every service running: the next agent adopts them.
+(SPEC 5: commands are never held unacked for the length of a deploy). A watched
+service that exits goes to the supervisor's crash handling, which reports a crash loop
+through `_report`. `stop()` leaves every service running: the next agent adopts them.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.driver import ProcessRecord
+from agent.indoubt import InDoubt, stale_after
 from agent.monitor import Monitor
 from agent.releases import Releases
 from agent.steps import Command, Steps
 from agent.store import CommandRecord, Store
 from agent.supervisor import Supervisor
-from shared import log, metrics, topology
+from shared import faults, log, metrics, topology
 from shared.config import AgentSettings, BrokerSettings
 from shared.errors import ProtocolError, TransientError
 from shared.messages import (
@@ -69,7 +73,7 @@ class Agent:
         self.broker = Broker(broker_settings, name=self.sender)
         self.releases = Releases(state_dir)
         self._tasks = TaskGroup(self.sender)
-        self.monitor = Monitor(self._tasks, self._on_health)
+        self.monitor = Monitor(self._tasks, self._on_health, self._on_exit)
         self._store: Store | None = None
         self._supervisor: Supervisor | None = None
         self._steps: Steps | None = None
@@ -88,9 +92,13 @@ class Agent:
         """Open the store, connect, adopt services, say hello, then consume commands."""
         self._store = await Store.open(self.state_dir / DB_NAME)
         self._supervisor = Supervisor(
-            self.host_id, self.labels, self.releases, self._store, self.monitor, self.settings
-        )
+            self.host_id, self.labels, self.releases, self._store, self.monitor, self.settings,
+            on_crash_loop=self._report,
+        )  # fmt: skip
         self._steps = Steps(self._supervisor, self.settings)
+        indoubt = InDoubt(
+            self._store, self._publish, self.host_id, stale_after(self.settings.heartbeat_interval)
+        )
         await self.broker.connect()
         queue = topology.agent_queue(self.host_id, self.broker_settings.agent_queue_type)
         await self.broker.declare(queue)
@@ -103,7 +111,10 @@ class Agent:
                            service=record.service, deployment_id=record.deployment_id)  # fmt: skip
             self._dispatch(record)
         await self.broker.consume(queue.name, self._on_delivery)
-        self._log.info("agent.started", labels=self.labels, services=len(states))
+        in_doubt = await indoubt.ask_all()
+        self._tasks.spawn(indoubt.run(), "indoubt", forever=True)
+        self._log.info("agent.started", labels=self.labels, services=len(states),
+                       in_doubt=in_doubt)  # fmt: skip
 
     async def stop(self) -> None:
         """Stop consuming and working; every service keeps running."""
@@ -166,6 +177,8 @@ class Agent:
             logger.exception("command.crashed", step=record.step)
             result = _failure(command, self.host_id, f"agent error: {e!r}")
         await self._report(result)
+        if isinstance(result, Vote) and result.yes:
+            faults.point("agent.voted")
         await self.store.finish_command(record.id, result.model_dump(mode="json"))
         metrics.STEPS.labels(record.step, str(_succeeded(result)).lower()).inc()
         logger.info("command.done", step=record.step, command_id=record.id)
@@ -209,6 +222,9 @@ class Agent:
                 await self._publish(await self._heartbeat_body())
             except TransientError as e:
                 self._log.warning("heartbeat.failed", error=str(e))
+
+    async def _on_exit(self, service: str, record: ProcessRecord, reason: str) -> None:
+        await self._supervisor_or_fail().exited(service, record, reason)
 
     async def _on_health(self, service: str, health: Health, reason: str) -> None:
         await self.store.set_health(service, health)

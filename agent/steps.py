@@ -4,6 +4,12 @@ The agent service's per-service worker calls `Steps.run(command)` and publishes 
 body it returns (a Vote or a StepResult). Each step first looks at the transaction's
 recorded state, so running a step again after a crash or a duplicate finds the work
 done and answers the same. Effects are recorded before the report is returned.
+
+Commit and revert hold the supervisor's lock of their service, so crash handling never
+restarts a service while a step switches it. A prepare for a rollback reuses the kept
+release dir when it is intact (no download, SPEC 6.3); the commit of such a prepare,
+and every revert, first runs `before_rollback` of the release being left, in that
+release's dir: if it fails, the step fails and the running version is left alone.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from agent import artifacts, driver
 from agent.releases import Releases
 from agent.store import Store, SwitchKind, Txn, TxnState
 from agent.supervisor import Supervisor
-from shared import log
+from shared import faults, log
 from shared.config import AgentSettings
 from shared.errors import PermanentError
 from shared.messages import Abort, Body, Commit, Prepare, Revert, Step, StepResult, Vote
@@ -39,11 +45,12 @@ class Steps:
     async def run(self, command: Command) -> Body:
         if isinstance(command, Prepare):
             return await self.prepare(command)
-        if isinstance(command, Commit):
-            return await self.commit(command)
         if isinstance(command, Abort):
             return await self.abort(command)
-        return await self.revert(command)
+        async with self.sup.lock(command.service):
+            if isinstance(command, Commit):
+                return await self.commit(command)
+            return await self.revert(command)
 
     def _logger(self, deployment_id: str | None, service: str) -> Any:
         """The step logger, bound with host, deployment and service."""
@@ -60,7 +67,8 @@ class Steps:
         if existing is not None and existing.state != "preparing":
             yes = existing.state not in ("no", "aborted")
             return self._vote(cmd, yes, "" if yes else f"transaction is {existing.state}")
-        txn = Txn(dep, spec.name, spec.version, cmd.from_version, spec, "preparing", None)
+        txn = Txn(dep, spec.name, spec.version, cmd.from_version, spec, "preparing", None,
+                  rollback=cmd.rollback)  # fmt: skip
         await self.store.put_txn(txn)
         try:
             staged = await self._stage(spec, dep)
@@ -71,12 +79,13 @@ class Steps:
             logger.warning("prepare.voted", yes=False, reason=str(e))
             return self._vote(cmd, False, str(e))
         await self.store.put_txn(replace(txn, state="prepared", staged_path=staged))
-        logger.info("prepare.voted", yes=True, version=spec.version, staged=staged is not None)
+        logger.info("prepare.voted", yes=True, version=spec.version, staged=staged is not None,
+                    rollback=cmd.rollback)  # fmt: skip
         return self._vote(cmd, True, "")
 
     async def _stage(self, spec: ServiceVersion, deployment_id: str) -> str | None:
         """Stage the artifact unless an intact release is already here; the staged path."""
-        if self.releases.is_intact(spec):
+        if await asyncio.to_thread(self.releases.is_intact, spec):
             return None
         self.releases.discard(spec.name, deployment_id)
         staged = self.releases.staging_dir(spec.name, deployment_id)
@@ -100,7 +109,9 @@ class Steps:
             return await self._commit_replay(cmd, txn)
         spec = txn.spec
         try:
-            self.releases.promote(spec, dep)
+            await asyncio.to_thread(self.releases.promote, spec, dep)
+            if txn.rollback:
+                await self._before_rollback(name, spec.version)
             await self.sup.run_hook(spec, "before_start")
         except (PermanentError, OSError) as e:
             await self.store.set_txn_state(dep, name, "commit_failed")
@@ -139,6 +150,8 @@ class Steps:
         await self.sup.stop(name)
         self.releases.switch(name, spec.version)
         await self.store.add_switch(name, previous, spec.version, kind, dep)
+        if kind == "commit":
+            faults.point("agent.switched")
         try:
             record = await self.sup.start(spec)
             await self.sup.wait_healthy(spec, record)
@@ -182,13 +195,12 @@ class Steps:
         """Go back to `to` (None: stop the service); '' on success, else why not."""
         if to is not None and await self._already_running(to):
             return ""  # a repeated revert: do not restart a healthy service
-        await self._before_rollback(name)
+        await self._before_rollback(name, None if to is None else to.version)
         if to is None:
             await self._stop_service(name, dep)
             return ""
-        if not self.releases.is_intact(to):
-            await self._stage(to, dep)
-            self.releases.promote(to, dep)
+        if await self._stage(to, dep) is not None:
+            await asyncio.to_thread(self.releases.promote, to, dep)
         return await self._switch_and_start(to, dep, "revert")
 
     async def _already_running(self, spec: ServiceVersion) -> bool:
@@ -197,9 +209,10 @@ class Steps:
             return False
         return driver.is_alive(row.process) and row.health == "healthy"
 
-    async def _before_rollback(self, name: str) -> None:
+    async def _before_rollback(self, name: str, target: str | None) -> None:
+        """Run before_rollback of the release `name` runs now, unless it is `target`."""
         row = await self.store.service(name)
-        if row is not None:
+        if row is not None and row.version != target:
             await self.sup.run_hook(row.spec, "before_rollback")
 
     async def _stop_service(self, name: str, dep: str) -> None:

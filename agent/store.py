@@ -2,7 +2,8 @@
 
 The only agent module that imports aiosqlite. The agent service records every command
 before acking it (`add_command` is idempotent by envelope id and by (deployment,
-service, step)), the steps record transactions, what runs, and every `current` switch.
+service, step)), the steps record transactions, what runs, and every `current` switch;
+the crash guard records crash loops, so a restarted agent leaves such a service down.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from agent.driver import ProcessRecord
+from agent.schema import ADDED_COLUMNS, SCHEMA
 from shared.messages import Health
 from shared.specs import ServiceVersion
 
@@ -24,23 +26,6 @@ TxnState = Literal[
     "revert_failed",
 ]  # fmt: skip
 SwitchKind = Literal["commit", "revert", "stop"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS commands (
-    id TEXT PRIMARY KEY, deployment_id TEXT NOT NULL, service TEXT NOT NULL,
-    step TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL, result TEXT,
-    UNIQUE (deployment_id, service, step));
-CREATE TABLE IF NOT EXISTS txns (
-    deployment_id TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL,
-    from_version TEXT, spec TEXT NOT NULL, state TEXT NOT NULL, staged_path TEXT,
-    PRIMARY KEY (deployment_id, service));
-CREATE TABLE IF NOT EXISTS services (
-    service TEXT PRIMARY KEY, version TEXT NOT NULL, spec TEXT NOT NULL, pid INTEGER,
-    pgid INTEGER, start_time INTEGER, release_dir TEXT NOT NULL, health TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS switches (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, service TEXT NOT NULL,
-    from_version TEXT, to_version TEXT, kind TEXT NOT NULL, deployment_id TEXT);
-"""
 
 
 @dataclass(frozen=True)
@@ -65,6 +50,10 @@ class Txn:
     spec: ServiceVersion
     state: TxnState
     staged_path: str | None
+    rollback: bool = False
+    """Prepared for a rollback: its commit runs the running release's before_rollback."""
+    updated_at: float = 0.0
+    """When the transaction last changed state (time.time(); set by the store)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +91,7 @@ class Store:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.executescript(SCHEMA)
+        await _add_columns(db)
         await db.commit()
         return cls(db)
 
@@ -150,18 +140,20 @@ class Store:
 
     async def put_txn(self, txn: Txn) -> None:
         await self._db.execute(
-            "INSERT OR REPLACE INTO txns VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO txns (deployment_id, service, version, from_version, spec,"
+            " state, staged_path, rollback, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 txn.deployment_id, txn.service, txn.version, txn.from_version,
-                txn.spec.model_dump_json(), txn.state, txn.staged_path,
+                txn.spec.model_dump_json(), txn.state, txn.staged_path, int(txn.rollback),
+                time.time(),
             ),
         )  # fmt: skip
         await self._db.commit()
 
     async def set_txn_state(self, deployment_id: str, service: str, state: TxnState) -> None:
         await self._db.execute(
-            "UPDATE txns SET state = ? WHERE deployment_id = ? AND service = ?",
-            (state, deployment_id, service),
+            "UPDATE txns SET state = ?, updated_at = ? WHERE deployment_id = ? AND service = ?",
+            (state, time.time(), deployment_id, service),
         )
         await self._db.commit()
 
@@ -172,10 +164,14 @@ class Store:
             row = await cursor.fetchone()
         return None if row is None else _txn(row)
 
-    async def txns(self, service: str, states: tuple[TxnState, ...]) -> list[Txn]:
+    async def txns(self, service: str | None, states: tuple[TxnState, ...]) -> list[Txn]:
+        """Transactions in one of `states`, of `service` (None: of every service)."""
         marks = ", ".join("?" for _ in states)
+        where, args = f"state IN ({marks})", tuple[str, ...](states)
+        if service is not None:
+            where, args = f"service = ? AND {where}", (service, *states)
         async with self._db.execute(
-            f"SELECT * FROM txns WHERE service = ? AND state IN ({marks})", (service, *states)
+            f"SELECT * FROM txns WHERE {where} ORDER BY updated_at", args
         ) as cursor:
             return [_txn(row) for row in await cursor.fetchall()]
 
@@ -212,6 +208,27 @@ class Store:
             row = await cursor.fetchone()
         return None if row is None else _service(row)
 
+    # --- crash loops ------------------------------------------------------------
+
+    async def set_crash_loop(self, service: str, version: str, exits: int) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO crash_loops VALUES (?, ?, ?, ?)",
+            (service, version, exits, time.time()),
+        )
+        await self._db.commit()
+
+    async def clear_crash_loop(self, service: str) -> None:
+        await self._db.execute("DELETE FROM crash_loops WHERE service = ?", (service,))
+        await self._db.commit()
+
+    async def crash_looped(self, service: str) -> str | None:
+        """The version of `service` left down after a crash loop, if any."""
+        async with self._db.execute(
+            "SELECT version FROM crash_loops WHERE service = ?", (service,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else str(row["version"])
+
     # --- switches ---------------------------------------------------------------
 
     async def add_switch(
@@ -235,6 +252,15 @@ class Store:
             return [Switch(**dict(row)) for row in await cursor.fetchall()]
 
 
+async def _add_columns(db: aiosqlite.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        async with db.execute(f"PRAGMA table_info({table})") as cursor:
+            have = {row["name"] for row in await cursor.fetchall()}
+        for name, decl in columns:
+            if name not in have:
+                await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+
+
 def _command(row: aiosqlite.Row) -> CommandRecord:
     result = json.loads(row["result"]) if row["result"] else None
     return CommandRecord(
@@ -247,7 +273,7 @@ def _txn(row: aiosqlite.Row) -> Txn:
     spec = ServiceVersion.model_validate_json(row["spec"])
     return Txn(
         row["deployment_id"], row["service"], row["version"], row["from_version"], spec,
-        row["state"], row["staged_path"],
+        row["state"], row["staged_path"], bool(row["rollback"]), row["updated_at"],
     )  # fmt: skip
 
 

@@ -1,38 +1,44 @@
-"""What runs on this host: start, stop, adopt and health-watch services, run hooks.
+"""What runs on this host: start, stop, adopt, health-watch and restart services, run hooks.
 
 The agent's steps call it to (re)start a service from a release dir and wait for it
 to be healthy; the agent service calls `adopt` at start-up (SPEC 6.6: a live service
 recorded in the store is adopted, not restarted; a dead one is started again from its
 recorded release). Every start is recorded in the store before its health is known,
 so a crash mid-step never loses track of a process.
+
+Crash supervision (SPEC 6.2): the monitor calls `exited` when a watched process ends.
+Steps that stop or switch a service hold `lock(name)` and unwatch it before stopping
+it, so only unexpected exits arrive there. The service is restarted from its current
+release after a short backoff; `crash_loop_exits` exits within `crash_loop_window`
+make a crash loop: reported once through `on_crash_loop`, recorded in the store, and
+the service is left down and unhealthy until a step deploys or reverts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
-from agent import driver, health, interpolate
+from agent import driver, health, hooks, interpolate
 from agent.driver import ProcessRecord
+from agent.exits import ExitHistory, backoff
+from agent.hooks import HookFailed
 from agent.monitor import Monitor
 from agent.releases import Releases
 from agent.store import ServiceRow, Store
 from shared import log
 from shared.config import AgentSettings
-from shared.errors import PermanentError
-from shared.messages import Health, ServiceState
+from shared.errors import LockstepError, PermanentError
+from shared.messages import CrashLoop, Health, ServiceState
 from shared.specs import ServiceVersion
 
-HOOK_TIMEOUT = 300.0
-"""Longest a hook (e.g. a migration) may run before it counts as failed."""
+__all__ = ["HookFailed", "Supervisor"]
 
-
-class HookFailed(PermanentError):
-    """A before_start/after_start/before_rollback hook exited non-zero or timed out."""
+OnCrashLoop = Callable[[CrashLoop], Awaitable[None]]
 
 
 class Supervisor:
@@ -46,6 +52,7 @@ class Supervisor:
         store: Store,
         monitor: Monitor,
         settings: AgentSettings,
+        on_crash_loop: OnCrashLoop,
     ) -> None:
         self.host_id = host_id
         self.labels = dict(labels)
@@ -53,7 +60,14 @@ class Supervisor:
         self.store = store
         self.monitor = monitor
         self.settings = settings
+        self.exits = ExitHistory(settings.crash_loop_exits, settings.crash_loop_window)
+        self._on_crash_loop = on_crash_loop
+        self._locks: dict[str, asyncio.Lock] = {}
         self._log = log.get("agent.supervisor", host_id=host_id)
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """Held by whatever stops, switches or restarts `name` (steps, crash handling)."""
+        return self._locks.setdefault(name, asyncio.Lock())
 
     def render(self, spec: ServiceVersion) -> ServiceVersion:
         """`spec` with its variables expanded for this host and its release dir."""
@@ -93,8 +107,14 @@ class Supervisor:
         self.monitor.watch(spec.name, rendered.health, record, release_dir, rendered.env, "healthy")
 
     async def stop(self, name: str) -> None:
-        """Stop the recorded process of `name`, if any (the row stays)."""
+        """Stop the recorded process of `name` on purpose, if any (the row stays).
+
+        Unwatched first, so the exit is not taken for a crash; a deliberate stop also
+        ends any crash loop of the service and clears its exit history.
+        """
         self.monitor.unwatch(name, "stopped")
+        self.exits.clear(name)
+        await self.store.clear_crash_loop(name)
         row = await self.store.service(name)
         if row is not None and row.process is not None:
             await driver.stop(row.process, self.settings.stop_grace)
@@ -108,16 +128,29 @@ class Supervisor:
             return
         release_dir = self.releases.release_dir(spec.name, spec.version)
         log_file = self.releases.log_file(spec.name, spec.version)
-        code = await _shell(command, release_dir, rendered.env, log_file)
-        if code != 0:
-            reason = "timed out" if code is None else f"exited with status {code}"
-            self._log.warning("hook.failed", service=spec.name, hook=hook, reason=reason)
-            raise HookFailed(f"{hook} hook {reason}")
-        self._log.info("hook.done", service=spec.name, hook=hook)
+        timeout = self.settings.hook_timeout
+        try:
+            outcome = await hooks.run(command, release_dir, rendered.env, log_file, timeout)
+            reason = "" if outcome.code == 0 else outcome.describe(timeout)
+        except OSError as e:
+            reason = f"cannot run it in {release_dir}: {e.strerror or e}"
+        if reason:
+            self._log.warning("hook.failed", service=spec.name, version=spec.version,
+                              hook=hook, reason=reason)  # fmt: skip
+            raise HookFailed(f"{hook} hook failed: {reason}")
+        self._log.info("hook.done", service=spec.name, version=spec.version, hook=hook)
 
     async def adopt(self) -> None:
-        """Adopt every recorded service that still runs; start the dead ones again."""
+        """Adopt every recorded service that still runs; start the dead ones again.
+
+        A service left down after a crash loop stays down (and unhealthy).
+        """
         for row in await self.store.services():
+            if await self.store.crash_looped(row.service) == row.version:
+                self.monitor.set(row.service, "unhealthy")
+                self._log.warning("service.crash_loop_kept", service=row.service,
+                                  version=row.version)  # fmt: skip
+                continue
             if row.process is not None and driver.is_alive(row.process):
                 rendered = self.render(row.spec)
                 initial: Health = "healthy" if row.health == "healthy" else "starting"
@@ -127,22 +160,60 @@ class Supervisor:
                 )  # fmt: skip
                 self._log.info("service.adopted", service=row.service, pid=row.process.pid)
                 continue
-            await self._restart(row)
+            await self.restart(row)
 
-    async def _restart(self, row: ServiceRow) -> None:
+    async def restart(self, row: ServiceRow) -> bool:
+        """Start `row`'s service again from its recorded release and watch it."""
         if not _is_dir(row.release_dir):
             self._log.error("service.release_missing", service=row.service, version=row.version)
-            return
+            return False
         try:
             record = await self.start(row.spec)
         except PermanentError as e:
             self._log.error("service.restart_failed", service=row.service, error=str(e))
-            return
+            return False
         rendered = self.render(row.spec)
         self.monitor.watch(
             row.service, rendered.health, record, Path(row.release_dir), rendered.env, "starting"
         )
         self._log.info("service.restarted", service=row.service, pid=record.pid)
+        return True
+
+    # --- crash supervision ---------------------------------------------------------
+
+    async def exited(self, name: str, record: ProcessRecord, reason: str) -> None:
+        """The watched process of `name` exited unexpectedly: restart it, or give up."""
+        if self.monitor.watching(name) != record:
+            return  # a step took the service over
+        exits = self.exits.record(name, time.monotonic())
+        logger = self._log.bind(service=name, pid=record.pid)
+        if not self.exits.is_loop(exits):
+            delay = backoff(exits)
+            logger.warning("service.crashed", reason=reason, exits=exits, restart_in=delay)
+            await asyncio.sleep(delay)
+        async with self.lock(name):
+            row = await self.store.service(name)
+            if self.monitor.watching(name) != record or row is None or row.process != record:
+                return  # stopped or switched on purpose meanwhile
+            driver.kill_leftovers(record)  # soon after the exit, its pgid is still its own
+            if self.exits.is_loop(exits):
+                await self._crash_loop(row, exits, reason)
+            elif not await self.restart(row):
+                self.monitor.unwatch(name, "unhealthy")
+
+    async def _crash_loop(self, row: ServiceRow, exits: int, reason: str) -> None:
+        window = self.settings.crash_loop_window
+        self.monitor.unwatch(row.service, "unhealthy")
+        await self.store.set_crash_loop(row.service, row.version, exits)
+        await self.store.put_service(replace(row, process=None, health="unhealthy"))
+        self._log.error("service.crash_loop", service=row.service, version=row.version,
+                        exits=exits, window=window, reason=reason)  # fmt: skip
+        report = CrashLoop(host_id=self.host_id, service=row.service, version=row.version,
+                           exits=exits, window=window)  # fmt: skip
+        try:
+            await self._on_crash_loop(report)
+        except LockstepError as e:
+            self._log.warning("crash_loop.report_failed", service=row.service, error=str(e))
 
     async def states(self) -> list[ServiceState]:
         """What runs here, for AgentHello and heartbeats."""
@@ -162,22 +233,3 @@ class Supervisor:
 
 def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
-
-
-async def _shell(command: str, cwd: Path, env: Mapping[str, str], log_file: Path) -> int | None:
-    """Exit status of `command` run in `cwd`, or None if it ran past HOOK_TIMEOUT."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as out:
-        proc = await asyncio.create_subprocess_shell(
-            command, cwd=cwd, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        return await asyncio.wait_for(proc.wait(), HOOK_TIMEOUT)
-    except (TimeoutError, asyncio.CancelledError) as e:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        if isinstance(e, asyncio.CancelledError):
-            raise
-        return None

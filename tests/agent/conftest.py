@@ -70,13 +70,15 @@ class Fleet:
     def labels(self) -> dict[str, str]:
         return {"role": "web", "demo_port": str(self.port)}
 
-    async def start_agent(self) -> Agent:
+    async def start_agent(self, **settings: Any) -> Agent:
+        """An agent for HOST; `settings` override the fast test AgentSettings."""
+        fast: dict[str, Any] = {"heartbeat_interval": 0.5, "stop_grace": 3, "keep_releases": 3}
         agent = Agent(
             HOST,
             self.labels,
             self.state_dir,
             BrokerSettings(amqp_url=self.amqp_url),
-            AgentSettings(heartbeat_interval=0.5, stop_grace=3, keep_releases=3),
+            AgentSettings(**{**fast, **settings}),
         )
         self.agents.append(agent)
         await agent.start()

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from shared.specs import ServiceVersion
 from tests.support.artifacts import build_artifact, service_toml
@@ -17,9 +17,17 @@ from tests.support.artifacts import build_artifact, service_toml
 T = TypeVar("T")
 
 
+@overload
 async def eventually(
-    predicate: Callable[[], Awaitable[T | None] | T | None], what: str, timeout: float = 15.0
-) -> T:
+    predicate: Callable[[], Awaitable[T | None]], what: str, timeout: float = 15.0
+) -> T: ...
+
+
+@overload
+async def eventually(predicate: Callable[[], T | None], what: str, timeout: float = 15.0) -> T: ...
+
+
+async def eventually(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
     """Poll `predicate` (sync or async) until it returns a truthy value, or fail."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -27,7 +35,7 @@ async def eventually(
         if asyncio.iscoroutine(value):
             value = await value
         if value:
-            return value  # type: ignore[no-any-return]
+            return value
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)

@@ -33,7 +33,7 @@ async def test_failing_before_start_hook_fails_the_commit_and_keeps_the_old_vers
     v2 = demo_version(tmp_path / "artifacts", "1.1.0").model_copy(update={"hooks": hooks})
     result = await _deploy(coordinator, v2, "d2", "1.0.0")
     assert not result.ok
-    assert "before_start hook exited with status 4" in result.reason
+    assert "before_start hook failed: exited with status 4" in result.reason
     assert result.running == "1.0.0"
     assert (agent.releases.release_dir("demo", "1.1.0") / "hook-ran-in-1.1.0").exists()
     assert await answered(fleet.port, "/version") == "1.0.0"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from agent.releases import Releases
 from shared.specs import ServiceVersion
 
@@ -85,3 +87,69 @@ def test_discard_removes_staging_and_download(tmp_path: Path) -> None:
     assert not staged.exists()
     assert not releases.download_path("demo", "d1").exists()
     releases.discard("demo", "never-staged")
+
+
+def test_promotion_records_a_manifest_beside_the_release_dir(tmp_path: Path) -> None:
+    releases = Releases(tmp_path)
+    target = _release(releases, "1.0.0")
+    sidecar = releases.manifest_file("demo", "1.0.0")
+    assert sidecar.parent == target.parent
+    assert sidecar.name == ".1.0.0.manifest.json"
+    assert sorted(os.listdir(target)) == [".lockstep-release.json", "VERSION"]
+    assert releases.versions("demo") == ["1.0.0"]  # the sidecar is not a release
+
+
+@pytest.mark.parametrize(
+    ("change", "intact"),
+    [
+        ("nothing", True),
+        ("add a file", True),  # a service or hook writing into its cwd (__pycache__, markers)
+        ("change a file", False),
+        ("remove a file", False),
+        ("retarget a symlink", False),
+        ("replace a file by a symlink", False),
+        ("remove the manifest", False),  # a release promoted before manifests existed
+        ("corrupt the manifest", False),
+    ],
+)
+def test_is_intact_checks_the_release_against_its_manifest(
+    tmp_path: Path, change: str, intact: bool
+) -> None:
+    releases = Releases(tmp_path)
+    spec = _spec("1.0.0")
+    staged = releases.staging_dir("demo", "d1")
+    (staged / "lib").mkdir(parents=True)
+    (staged / "VERSION").write_text("1.0.0")
+    (staged / "lib" / "code.py").write_text("print('hi')\n")
+    (staged / "entry").symlink_to("lib/code.py")
+    releases.mark(staged, spec)
+    target = releases.promote(spec, "d1")
+    assert releases.is_intact(spec)
+    sidecar = releases.manifest_file("demo", "1.0.0")
+    if change == "add a file":
+        (target / "lib" / "__pycache__").mkdir()
+        (target / "lib" / "__pycache__" / "code.pyc").write_bytes(b"\0")
+    elif change == "change a file":
+        (target / "lib" / "code.py").write_text("print('owned')\n")
+    elif change == "remove a file":
+        (target / "VERSION").unlink()
+    elif change == "retarget a symlink":
+        (target / "entry").unlink()
+        (target / "entry").symlink_to("VERSION")
+    elif change == "replace a file by a symlink":
+        (target / "VERSION").unlink()
+        (target / "VERSION").symlink_to("lib/code.py")
+    elif change == "remove the manifest":
+        sidecar.unlink()
+    elif change == "corrupt the manifest":
+        sidecar.write_text("{")
+    assert releases.is_intact(spec) is intact
+
+
+def test_gc_removes_the_manifest_with_its_release(tmp_path: Path) -> None:
+    releases = Releases(tmp_path)
+    for version in ("1.0.0", "1.1.0"):
+        _release(releases, version)
+    assert releases.gc("demo", keep=1, protect=()) == ["1.0.0"]
+    assert not releases.manifest_file("demo", "1.0.0").exists()
+    assert releases.manifest_file("demo", "1.1.0").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 from agent.driver import ProcessRecord
@@ -48,5 +50,45 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
         [switch] = await store.switches("demo")
         assert (switch.kind, switch.to_version, switch.deployment_id) == ("commit", "1.0.0", "d1")
         assert [c.id for c in await store.pending_commands()] == ["e9"]
+    finally:
+        await store.close()
+
+
+async def test_a_database_from_before_rollback_flags_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the txns table as first shipped
+        db.execute(
+            "CREATE TABLE txns (deployment_id TEXT NOT NULL, service TEXT NOT NULL,"
+            " version TEXT NOT NULL, from_version TEXT, spec TEXT NOT NULL,"
+            " state TEXT NOT NULL, staged_path TEXT, PRIMARY KEY (deployment_id, service))"
+        )
+        db.execute(
+            "INSERT INTO txns VALUES ('d0', 'demo', '1.0.0', NULL, ?, 'prepared', NULL)",
+            (SPEC.model_dump_json(),),
+        )
+        db.commit()
+    store = await Store.open(path)
+    try:
+        old = await store.txn("d0", "demo")
+        assert old is not None
+        assert (old.state, old.rollback, old.updated_at) == ("prepared", False, 0.0)
+        await store.put_txn(Txn("d1", "demo", "1.0.0", "0.9.0", SPEC, "prepared", None, True))
+        new = await store.txn("d1", "demo")
+        assert new is not None
+        assert new.rollback
+        assert new.updated_at > 0
+        assert [t.deployment_id for t in await store.txns(None, ("prepared",))] == ["d0", "d1"]
+    finally:
+        await store.close()
+
+
+async def test_crash_loops_are_recorded_until_cleared(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "agent.db")
+    try:
+        assert await store.crash_looped("demo") is None
+        await store.set_crash_loop("demo", "1.0.0", 3)
+        assert await store.crash_looped("demo") == "1.0.0"
+        await store.clear_crash_loop("demo")
+        assert await store.crash_looped("demo") is None
     finally:
         await store.close()

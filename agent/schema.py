@@ -1,0 +1,34 @@
+"""The tables of the agent's SQLite store (`agent.store` creates and migrates them).
+
+`SCHEMA` creates what is missing; `ADDED_COLUMNS` lists columns added after a table
+was first shipped, which the store adds to an older database when it opens it.
+"""
+
+from __future__ import annotations
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY, deployment_id TEXT NOT NULL, service TEXT NOT NULL,
+    step TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL, result TEXT,
+    UNIQUE (deployment_id, service, step));
+CREATE TABLE IF NOT EXISTS txns (
+    deployment_id TEXT NOT NULL, service TEXT NOT NULL, version TEXT NOT NULL,
+    from_version TEXT, spec TEXT NOT NULL, state TEXT NOT NULL, staged_path TEXT,
+    rollback INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (deployment_id, service));
+CREATE TABLE IF NOT EXISTS services (
+    service TEXT PRIMARY KEY, version TEXT NOT NULL, spec TEXT NOT NULL, pid INTEGER,
+    pgid INTEGER, start_time INTEGER, release_dir TEXT NOT NULL, health TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS switches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, service TEXT NOT NULL,
+    from_version TEXT, to_version TEXT, kind TEXT NOT NULL, deployment_id TEXT);
+CREATE TABLE IF NOT EXISTS crash_loops (
+    service TEXT PRIMARY KEY, version TEXT NOT NULL, exits INTEGER NOT NULL, ts REAL NOT NULL);
+"""
+ADDED_COLUMNS = {
+    "txns": (
+        ("rollback", "INTEGER NOT NULL DEFAULT 0"),
+        ("updated_at", "REAL NOT NULL DEFAULT 0"),
+    ),
+}
+"""Columns added after the first release: added to an older database when it opens."""
