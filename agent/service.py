@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ class Agent:
         envelope = delivery.envelope
         body = envelope.body
         if isinstance(body, Ping):
-            await self._publish(await self._heartbeat_body())
+            await self._heartbeat()
             return
         if not isinstance(body, Prepare | Commit | Abort | Revert):
             raise ProtocolError(f"kind: an agent does not accept {envelope.kind!r} messages")
@@ -190,8 +191,10 @@ class Agent:
 
     # --- reporting ----------------------------------------------------------------
 
-    async def _publish(self, body: Body) -> None:
-        envelope = make(body, self.sender)
+    async def _publish(self, body: Body, observed_at: datetime | None = None) -> None:
+        """Publish a report; `observed_at` stamps when its facts were read (heartbeats)."""
+        stamp = {"sent_at": observed_at} if observed_at is not None else {}
+        envelope = make(body, self.sender, **stamp)
         await self.broker.publish(topology.REPORTS, topology.REPORTS_KEY, envelope)
 
     async def _report(self, body: Body) -> None:
@@ -206,9 +209,13 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
 
-    async def _heartbeat_body(self) -> Heartbeat:
+    async def _heartbeat(self) -> None:
+        """Report what runs, stamped with when it was read: the coordinator keeps the
+        newest view, so a heartbeat overtaken by a step result cannot undo it."""
+        observed_at = datetime.now(UTC)
         states = await self._supervisor_or_fail().states()
-        return Heartbeat(host_id=self.host_id, services=states, labels=self.labels)
+        body = Heartbeat(host_id=self.host_id, services=states, labels=self.labels)
+        await self._publish(body, observed_at)
 
     def _supervisor_or_fail(self) -> Supervisor:
         if self._supervisor is None:
@@ -219,7 +226,7 @@ class Agent:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
-                await self._publish(await self._heartbeat_body())
+                await self._heartbeat()
             except TransientError as e:
                 self._log.warning("heartbeat.failed", error=str(e))
 

@@ -118,14 +118,17 @@ class Coordinator:
             case QueryRequest():
                 return Reply(ok=True, data=await self.query(body))
             case AgentHello() | Heartbeat():
-                await self._agent_report(body)
+                await self._agent_report(body, delivery.envelope.sent_at.timestamp())
             case Vote():
                 await self.drive(
                     body.deployment_id,
                     machine.Voted((body.host_id, body.service), body.yes, body.reason),
                 )
             case StepResult():
-                await self.store.agent_service(body.host_id, body.service, body.running)
+                await self.store.agent_service(
+                    body.host_id, body.service, body.running,
+                    "healthy" if body.ok else "unhealthy", delivery.envelope.sent_at.timestamp(),
+                )  # fmt: skip
                 event = machine.StepDone(
                     (body.host_id, body.service), body.step, body.ok, body.reason
                 )
@@ -138,11 +141,12 @@ class Coordinator:
                 raise ProtocolError(f"kind: {delivery.envelope.kind} is not for the coordinator")
         return None
 
-    async def _agent_report(self, body: AgentHello | Heartbeat) -> None:
-        labels = body.labels
+    async def _agent_report(self, body: AgentHello | Heartbeat, sent_at: float) -> None:
         services = [s.model_dump() for s in body.services]
-        if await self.store.agent_seen(body.host_id, services, labels):
-            await self._emit(None, "agent.registered", {"host_id": body.host_id, "labels": labels})
+        if await self.store.agent_seen(body.host_id, services, body.labels, sent_at):
+            await self._emit(
+                None, "agent.registered", {"host_id": body.host_id, "labels": body.labels}
+            )
 
     # --- requests ---------------------------------------------------------------------
 

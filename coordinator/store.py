@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS deployments (
 CREATE TABLE IF NOT EXISTS agents (
     host_id TEXT PRIMARY KEY, labels TEXT NOT NULL, services TEXT NOT NULL,
     last_seen REAL NOT NULL, first_seen REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'alive', overwrite INTEGER NOT NULL DEFAULT 0);
+    state TEXT NOT NULL DEFAULT 'alive', overwrite INTEGER NOT NULL DEFAULT 0,
+    reported_at REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, type TEXT NOT NULL,
     deployment_id TEXT, data TEXT NOT NULL);
@@ -339,34 +340,48 @@ class Store:
     # --- agents -------------------------------------------------------------------
 
     async def agent_seen(
-        self, host_id: str, services: list[dict[str, Any]], labels: dict[str, str] | None = None
+        self,
+        host_id: str,
+        services: list[dict[str, Any]],
+        labels: dict[str, str] | None = None,
+        sent_at: float = 0.0,
     ) -> bool:
-        """Record a report from `host_id`; True if the host was not known before."""
+        """Record a report from `host_id`; True if the host was not known before.
+
+        What it runs is taken only from a report newer than the last one applied, so a
+        heartbeat overtaken by a step result cannot bring back a stale view (I3).
+        """
         now = time.time()
         rows = await self._rows("SELECT labels FROM agents WHERE host_id = ?", host_id)
         if rows and labels is None:
             labels = json.loads(rows[0]["labels"])
         await self._db.execute(
-            "INSERT INTO agents (host_id, labels, services, last_seen, first_seen) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
-            "labels = excluded.labels, services = excluded.services, "
-            "last_seen = excluded.last_seen",
-            (host_id, json.dumps(labels or {}), json.dumps(services), now, now),
+            "INSERT INTO agents (host_id, labels, services, last_seen, first_seen, reported_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
+            "labels = excluded.labels, last_seen = excluded.last_seen, "
+            "services = CASE WHEN excluded.reported_at >= agents.reported_at "
+            "THEN excluded.services ELSE agents.services END, "
+            "reported_at = MAX(agents.reported_at, excluded.reported_at)",
+            (host_id, json.dumps(labels or {}), json.dumps(services), now, now, sent_at),
         )
         await self._db.commit()
         return not rows
 
-    async def agent_service(self, host_id: str, service: str, version: str | None) -> None:
+    async def agent_service(
+        self, host_id: str, service: str, version: str | None, health: str, sent_at: float
+    ) -> None:
         """Record what a step result says `host_id` now runs for `service`."""
-        rows = await self._rows("SELECT services FROM agents WHERE host_id = ?", host_id)
-        if not rows:
+        rows = await self._rows(
+            "SELECT services, reported_at FROM agents WHERE host_id = ?", host_id
+        )
+        if not rows or rows[0]["reported_at"] > sent_at:
             return
         services = [s for s in json.loads(rows[0]["services"]) if s["service"] != service]
         if version is not None:
-            services.append({"service": service, "version": version, "health": "healthy"})
+            services.append({"service": service, "version": version, "health": health})
         await self._db.execute(
-            "UPDATE agents SET services = ? WHERE host_id = ?",
-            (json.dumps(sorted(services, key=lambda s: s["service"])), host_id),
+            "UPDATE agents SET services = ?, reported_at = ? WHERE host_id = ?",
+            (json.dumps(sorted(services, key=lambda s: s["service"])), sent_at, host_id),
         )
         await self._db.commit()
 

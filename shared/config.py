@@ -40,10 +40,6 @@ class CoordinatorSettings(BaseSettings):
     """How often agents are expected to report (must match the agents' setting)."""
     lost_after_missed: int = Field(default=3, ge=1)
     """Missed heartbeats after which an agent counts as lost."""
-    abort_timeout: Duration = 30.0
-    """How long to wait for agents to confirm they discarded an aborted prepare."""
-    revert_timeout: Duration = 120.0
-    """How long to wait for one compensation step."""
     auto_rollback_window: Duration = 900.0
     """How long after a release completed an alert may still roll it back."""
     alert_min_severity: Literal["info", "warning", "error", "critical"] = "critical"

@@ -438,7 +438,12 @@ def prepare() -> Demo:
         LOCKSTEP_LOG_LEVEL="info",
         PYTHONUNBUFFERED="1",
     )
-    ports = {(h, s): free_port() for h in HOSTS for s in SERVICES}
+    ports: dict[tuple[str, str], int] = {}
+    for place in ((h, s) for h in HOSTS for s in SERVICES):
+        port = free_port()
+        while port in ports.values():  # a port just closed may be handed out again
+            port = free_port()
+        ports[place] = port
     return Demo(vhost=vhost, env=env, ports=ports)
 
 

@@ -49,6 +49,7 @@ class Fleet:
         self.env = env
         self.procs = procs
         self.hosts: dict[str, Host] = {}
+        self._ports: set[int] = set()
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.artifacts = root / "artifacts"
         self.specs = root / "specs"
@@ -70,8 +71,16 @@ class Fleet:
         kill_group(self.coordinator.pid, signal.SIGKILL)
         self.coordinator.wait(10)
 
+    def _port(self) -> int:
+        """A free port no other service of this fleet was given (free_port alone may repeat)."""
+        port = free_port()
+        while port in self._ports:
+            port = free_port()
+        self._ports.add(port)
+        return port
+
     def add_host(self, host_id: str, **labels: str) -> Host:
-        ports = {s: free_port() for s in SERVICES}
+        ports = {s: self._port() for s in SERVICES}
         all_labels = {**labels, **{f"{s}_port": str(p) for s, p in ports.items()}}
         host = Host(host_id, all_labels, self.root / host_id, ports=ports)
         self.hosts[host_id] = host

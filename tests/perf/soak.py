@@ -1,0 +1,225 @@
+"""Soak: M deployments against real processes while injecting random faults.
+
+    .venv/bin/python -m tests.perf.soak --deployments 100 --fault-rate 0.6 --seed 7
+
+A real coordinator and three real agents run in a vhost of their own. Each round asks
+for the other of two good releases (now and then a bad one, whose health check fails
+and is compensated) and, with probability --fault-rate, injects one fault from the
+fault suite: coordinator or agent SIGKILL at a named protocol point, an agent SIGSTOP
+longer than the prepare timeout, a broker restart or all connections closed mid-flight,
+or a command and a report delivered twice. After every round it checks the invariants
+against each service's /version and the coordinator, then prints
+
+    deployments N, faults F, invariant violations V, lost requests L, duplicate effects D
+
+V, L and D must be 0 (the exit code is 1 otherwise). Not part of the test run: it is a
+benchmark of robustness, run by hand, and its figures go into the issue's closing note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from shared import topology
+from shared.messages import Commit, StepResult, encode, make
+from tests.e2e.fleet import Fleet
+from tests.e2e.test_core import PAY, PLACES, WEB
+from tests.faults.test_protocol import _publish
+from tests.support.procs import Procs, wait_until
+from tests.support.rabbit import rabbitmqctl, vhost
+
+GOOD = [{"orders": "1.0.0", "payments": "1.0.0"}, {"orders": "2.0.0", "payments": "2.0.0"}]
+BAD = {"orders": "2.1.0", "payments": "2.0.0"}
+TERMINAL = {"completed", "aborted", "rolled_back", "failed"}
+FAULTS = [
+    "coordinator.prepare_sent", "coordinator.decided", "coordinator.mid_commit",
+    "agent.voted", "agent.switched", "agent.sigstop", "broker.restart",
+    "broker.close_connections", "duplicate.command", "duplicate.report",
+]  # fmt: skip
+
+
+class Soak:
+    def __init__(self, fleet: Fleet, amqp_url: str, rng: random.Random) -> None:
+        self.fleet, self.amqp_url, self.rng = fleet, amqp_url, rng
+        self.current = GOOD[0]
+        self.deployments = self.faults = self.violations = self.lost = self.duplicates = 0
+        self.last_id = ""
+
+    def setup(self) -> None:
+        f = self.fleet
+        f.add_host("host-a", pay="yes")
+        f.add_host("host-b", web="yes")
+        f.add_host("host-c", pay="yes", web="yes")
+        f.wait_alive("host-a", "host-b", "host-c")
+        f.register("payments", "1.0.0", hosts=PAY)
+        f.register("payments", "2.0.0", hosts=PAY)
+        f.register("orders", "1.0.0", hosts=WEB, requires={"payments": ">=1.0.0"})
+        f.register("orders", "2.0.0", hosts=WEB, requires={"payments": ">=2.0.0"})
+        f.register("orders", "2.1.0", hosts=WEB, requires={"payments": ">=2.0.0"}, fail_health=True)
+        first = f.deploy("orders=1.0.0", "payments=1.0.0")
+        assert first.code == 0, first.stderr
+
+    def round(self, index: int, fault_rate: float) -> None:
+        target = BAD if index % 9 == 8 else GOOD[1] if self.current == GOOD[0] else GOOD[0]
+        fault = self.rng.choice(FAULTS) if self.rng.random() < fault_rate else None
+        if fault:
+            self.faults += 1
+        start = dict(self.current)
+        deployment_id = self._run(target, fault)
+        self.deployments += 1
+        if not deployment_id:
+            self.lost += 1
+            return
+        row = self._settled(deployment_id)
+        if row is None:
+            self.lost += 1
+            return
+        ok = row["state"] == "completed"
+        self.current = dict(target) if ok else start
+        self.violations += self._check()
+        self.duplicates += self._duplicates(deployment_id)
+        self.last_id = deployment_id
+        print(f"round {index + 1}: {row['state']:<11} fault={fault or '-'}", flush=True)
+
+    def _run(self, target: dict[str, str], fault: str | None) -> str:
+        f = self.fleet
+        pairs = [f"{k}={v}" for k, v in sorted(target.items())]
+        flags = ["--prepare-timeout", "3s", "--max-parallel", "1"]
+        if fault and fault.startswith("coordinator."):
+            f.kill_coordinator()
+            f.start_coordinator(fault=fault)
+        if fault in ("agent.voted", "agent.switched"):
+            host = self.rng.choice(["host-a", "host-b", "host-c"])
+            f.kill_agent(host)
+            f.start_agent(host, fault=fault)
+            f.wait_alive(host)
+        if fault == "agent.sigstop":
+            f.signal_agent("host-c", signal.SIGSTOP)
+        result = f.cli("deploy", *pairs, "--json", *flags, timeout=60)
+        deployment_id = str(result.doc["deployment_id"]) if result.code == 0 else ""
+        self._after_submit(fault)
+        if not deployment_id:  # the coordinator died before replying: find the request
+            deployment_id = self._newest_after(self.last_id)
+        return deployment_id
+
+    def _after_submit(self, fault: str | None) -> None:
+        f = self.fleet
+        if fault and fault.startswith("coordinator."):
+            assert f.coordinator is not None
+            try:
+                f.coordinator.wait(20)
+            except Exception:  # the point was not reached (e.g. nothing to commit)
+                f.kill_coordinator()
+            f.start_coordinator()
+        elif fault in ("agent.voted", "agent.switched"):
+            for host in f.hosts.values():
+                if host.proc is not None and host.proc.poll() is not None:
+                    f.start_agent(host.host_id)
+        elif fault == "agent.sigstop":
+            time.sleep(4)  # the fault itself: silent past the 3 s prepare timeout
+            f.signal_agent("host-c", signal.SIGCONT)
+        elif fault == "broker.restart":
+            rabbitmqctl("stop_app")
+            rabbitmqctl("start_app")
+            rabbitmqctl("await_startup")
+        elif fault == "broker.close_connections":
+            rabbitmqctl("close_all_connections", "soak")
+        elif fault == "duplicate.command" and self.last_id:
+            body = make(Commit(deployment_id=self.last_id, service="payments",
+                               version=self.current["payments"]), "soak")  # fmt: skip
+            asyncio.run(_publish(self.amqp_url, topology.COMMANDS, topology.host_key("host-a"),
+                                 [encode(body)] * 2))  # fmt: skip
+        elif fault == "duplicate.report" and self.last_id:
+            body = make(StepResult(deployment_id=self.last_id, host_id="host-a", service="payments",
+                                   step="commit", ok=False, reason="soak"), "agent:host-a")  # fmt: skip
+            asyncio.run(_publish(self.amqp_url, topology.REPORTS, topology.REPORTS_KEY,
+                                 [encode(body)] * 2))  # fmt: skip
+
+    def _newest_after(self, previous: str) -> str:
+        def find() -> str | None:
+            rows = self.fleet.cli("history", "--json")
+            if rows.code != 0 or not rows.doc["deployments"]:
+                return None
+            newest = rows.doc["deployments"][0]["deployment_id"]
+            return str(newest) if newest != previous else None
+
+        try:
+            return str(wait_until(find, 60, "the request to show up"))
+        except AssertionError:
+            return ""
+
+    def _settled(self, deployment_id: str) -> dict[str, object] | None:
+        def ended() -> dict[str, object] | None:
+            rows = self.fleet.cli("history", "--json")
+            if rows.code != 0:
+                return None
+            for row in rows.doc["deployments"]:
+                if row["deployment_id"] == deployment_id and row["state"] in TERMINAL:
+                    return dict(row)
+            return None
+
+        try:
+            return wait_until(ended, 180, f"deployment {deployment_id}")  # type: ignore[no-any-return]
+        except AssertionError:
+            return None
+
+    def _check(self) -> int:
+        wanted = {place: self.current[place[1]] for place in PLACES}
+        try:
+            wait_until(lambda: self.fleet.running() == wanted, 60, "processes")
+            wait_until(
+                lambda: {p: self.fleet.reported().get(p) for p in PLACES} == wanted, 30, "status"
+            )
+        except AssertionError as e:
+            print(f"  violation: {e}; running={self.fleet.running()}", flush=True)
+            return 1
+        return 0
+
+    def _duplicates(self, deployment_id: str) -> int:
+        counts = Counter(
+            (h, s["service"], s["kind"]) for h in self.fleet.hosts for s in self.fleet.switches(h)
+            if s["deployment_id"] == deployment_id and s["from_version"] != s["to_version"]
+        )  # fmt: skip
+        return sum(n - 1 for n in counts.values() if n > 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--deployments", type=int, default=100)
+    parser.add_argument("--fault-rate", type=float, default=0.6)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lockstep-soak-") as tmp, vhost("soak") as amqp_url:
+        root = Path(tmp)
+        procs = Procs(root)
+        env = dict(os.environ, LOCKSTEP_AMQP_URL=amqp_url, LOCKSTEP_HEARTBEAT_INTERVAL="0.5",
+                   PYTHONUNBUFFERED="1")  # fmt: skip
+        try:
+            fleet = Fleet(root, env, procs)
+            fleet.start_coordinator()
+            soak = Soak(fleet, amqp_url, random.Random(args.seed))
+            soak.setup()
+            for index in range(args.deployments):
+                soak.round(index, args.fault_rate)
+        finally:
+            procs.stop_all()
+    print(
+        f"deployments {soak.deployments}, faults {soak.faults}, invariant violations "
+        f"{soak.violations}, lost requests {soak.lost}, duplicate effects {soak.duplicates}"
+    )
+    print(f"elapsed {time.monotonic() - started:.0f} s, seed {args.seed}")
+    return 0 if soak.violations == soak.lost == soak.duplicates == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
