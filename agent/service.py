@@ -240,7 +240,9 @@ class Agent:
         change = HealthChange(
             host_id=self.host_id, service=service, version=version, health=health, reason=reason
         )
-        await self._publish(change)
+        # Retried until the broker takes it (a lost failure would let a bad release pass
+        # its bake), in the background so probing goes on meanwhile.
+        self._tasks.spawn(self._report(change), f"report:health:{service}")
 
 
 def _succeeded(report: Body) -> bool:

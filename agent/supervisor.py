@@ -191,29 +191,31 @@ class Supervisor:
             delay = backoff(exits)
             logger.warning("service.crashed", reason=reason, exits=exits, restart_in=delay)
             await asyncio.sleep(delay)
+        report = None
         async with self.lock(name):
             row = await self.store.service(name)
             if self.monitor.watching(name) != record or row is None or row.process != record:
                 return  # stopped or switched on purpose meanwhile
             driver.kill_leftovers(record)  # soon after the exit, its pgid is still its own
             if self.exits.is_loop(exits):
-                await self._crash_loop(row, exits, reason)
+                report = await self._crash_loop(row, exits, reason)
             elif not await self.restart(row):
                 self.monitor.unwatch(name, "unhealthy")
+        if report is not None:  # outside the lock: a broker outage must not block reverts
+            try:
+                await self._on_crash_loop(report)
+            except LockstepError as e:
+                self._log.warning("crash_loop.report_failed", service=name, error=str(e))
 
-    async def _crash_loop(self, row: ServiceRow, exits: int, reason: str) -> None:
+    async def _crash_loop(self, row: ServiceRow, exits: int, reason: str) -> CrashLoop:
         window = self.settings.crash_loop_window
         self.monitor.unwatch(row.service, "unhealthy")
         await self.store.set_crash_loop(row.service, row.version, exits)
         await self.store.put_service(replace(row, process=None, health="unhealthy"))
         self._log.error("service.crash_loop", service=row.service, version=row.version,
                         exits=exits, window=window, reason=reason)  # fmt: skip
-        report = CrashLoop(host_id=self.host_id, service=row.service, version=row.version,
-                           exits=exits, window=window)  # fmt: skip
-        try:
-            await self._on_crash_loop(report)
-        except LockstepError as e:
-            self._log.warning("crash_loop.report_failed", service=row.service, error=str(e))
+        return CrashLoop(host_id=self.host_id, service=row.service, version=row.version,
+                         exits=exits, window=window)  # fmt: skip
 
     async def states(self) -> list[ServiceState]:
         """What runs here, for AgentHello and heartbeats."""

@@ -100,10 +100,11 @@ class Intake:
             if locks & held:
                 held |= locks  # FIFO: a later overlapping request waits behind this one
                 continue
-            held |= locks
-            await self._begin(row)
+            if await self._begin(row):
+                held |= locks
 
-    async def _begin(self, row: dict[str, Any]) -> None:
+    async def _begin(self, row: dict[str, Any]) -> bool:
+        """Plan and start a queued deployment; False if it could not start (it is aborted)."""
         deployment_id = row["deployment_id"]
         request = Request.model_validate(row["plan"]["request"])
         try:
@@ -112,7 +113,7 @@ class Intake:
             unstarted = machine.to_dict(machine.queued(deployment_id, request.strategy))
             unstarted.update(phase="aborted", reason=f"could not start: {e}")
             await self.store.save_deployment(unstarted, [("deployment.aborted", {})])
-            return
+            return False
         current_id, _ = await self.store.current_release()
         release_id = request.release_id
         if not the_plan.changed or request.kind == "converge":
@@ -132,6 +133,7 @@ class Intake:
         self._log.info("deployment.started", deployment_id=deployment_id, kind=request.kind,
                        trigger=request.trigger, services=target)  # fmt: skip
         self._start(deployment_id)
+        return True
 
     async def _plan(self, request: Request) -> tuple[dict[str, str], Plan, Any]:
         catalog = await self.store.catalog()

@@ -268,7 +268,7 @@ def _commit_first(d: Deployment) -> tuple[Deployment, list[Action]]:
     if not steps:
         return _abort(d, "no participant is available")
     d = replace(d, decision="commit", phase="committing", steps=steps, step_index=0)
-    d, actions = _send_step(d)
+    d, actions = (replace(d, phase="paused"), []) if d.paused else _send_step(d)
     left_out = tuple(d.in_phase("unavailable"))
     return d, ([Send("abort", left_out)] if left_out else []) + actions
 

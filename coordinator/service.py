@@ -222,18 +222,15 @@ class Coordinator:
         key = (body.host_id, body.service)
         state = machine.from_dict(row["machine"]) if row else None
         p = state.participants.get(key) if state else None
-        if (
-            state is None
-            or p is None
-            or state.decision == "abort"
-            or p.phase in ("aborting", "aborted", "unavailable", "refused")
-        ):
-            body_out: Body = Abort(deployment_id=body.deployment_id, service=body.service)
-        elif p.phase in ("committing", "committed") or (state.done and state.decision == "commit"):
-            body_out = Commit(deployment_id=body.deployment_id, service=body.service,
-                              version=p.version)  # fmt: skip
+        if p is not None and p.phase in ("committing", "committed"):
+            body_out: Body = Commit(
+                deployment_id=body.deployment_id, service=body.service, version=p.version
+            )
+        elif p is not None and p.phase == "prepared" and state is not None and not state.done:
+            return  # its batch has not come yet: the commit (or abort) will follow
         else:
-            return  # undecided or not yet its batch: the decision will come
+            # Unknown, aborted, or never switched in a deployment that moved on: presumed abort.
+            body_out = Abort(deployment_id=body.deployment_id, service=body.service)
         self._log.info("inquiry.answered", deployment_id=body.deployment_id,
                        host_id=body.host_id, command=body_out.KIND)  # fmt: skip
         await self._publish_command(body.host_id, body_out)
@@ -269,12 +266,14 @@ class Coordinator:
         reason = f"alert {alert.service}.{alert.severity}: {alert.reason or 'no reason given'}"
         match decision:
             case triggers.Ignore():
-                await self._emit(None, "alert.ignored", {**record, "why": decision.reason})
+                await self.store.add_events(
+                    None, [("alert.ignored", {**record, "why": decision.reason})]
+                )
             case triggers.FailInFlight():
-                await self._emit(decision.deployment_id, "alert.received", record)
+                await self.store.add_events(decision.deployment_id, [("alert.received", record)])
                 await self.drive(decision.deployment_id, machine.Failed(reason, "alert"))
             case triggers.Rollback():
-                await self._emit(None, "alert.received", record)
+                await self.store.add_events(None, [("alert.received", record)])
                 request = RollbackRequest(services=list(decision.services))
                 await self.rollback(alert_id, request, trigger="alert", reason=reason)
 
@@ -384,10 +383,25 @@ class Coordinator:
     # --- events for other systems ---------------------------------------------------------
 
     async def _emit_deployment(self, deployment_id: str) -> None:
+        """deployment.<state>; at the end also release.<state> and, for a rollback that
+        completed, deployment.rolled_back with its trigger and reason (SPEC 5, 6.2)."""
         row = await self.store.deployment(deployment_id)
-        if row is not None:
-            doc = views.deployment(row)
-            await self._publish_event(f"deployment.{doc['state']}", doc)
+        if row is None:
+            return
+        doc = views.deployment(row)
+        await self._publish_event(f"deployment.{doc['state']}", doc)
+        if row["ended_at"] is None:
+            return
+        rolled_back = row["kind"] == "rollback" and doc["state"] == "completed"
+        if rolled_back:
+            await self._publish_event("deployment.rolled_back", doc)
+        releases = {r["release_id"]: r for r in await self.store.releases()}
+        made = releases.get(row["release_id"])
+        if made is not None and made["deployment_id"] == deployment_id:
+            await self._publish_event(f"release.{made['state']}", made)
+        left = releases.get(row["from_release_id"])
+        if rolled_back and left is not None and left["state"] == "bad":
+            await self._publish_event("release.bad", left)
 
     async def _emit(self, deployment_id: str | None, kind: str, data: dict[str, Any]) -> None:
         await self.store.add_events(deployment_id, [(kind, data)])

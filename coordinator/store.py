@@ -132,39 +132,6 @@ class Store:
 
     # --- deployments ----------------------------------------------------------------
 
-    async def create_deployment(
-        self,
-        *,
-        deployment_id: str,
-        request_id: str,
-        trigger: str,
-        kind: str,
-        target: dict[str, str],
-        from_release_id: int | None,
-        release_id: int | None,
-        plan: dict[str, Any],
-        machine: dict[str, Any],
-    ) -> None:
-        """Record an accepted deployment in one transaction; `release_id` None = a new release."""
-        now = time.time()
-        new_release = release_id is None
-        if release_id is None:
-            cursor = await self._db.execute(
-                "INSERT INTO releases (services, state, created_at, deployment_id) "
-                "VALUES (?, 'pending', ?, ?)",
-                (json.dumps(target, sort_keys=True), now, deployment_id),
-            )
-            release_id = cursor.lastrowid
-        await self._db.execute(
-            "INSERT INTO deployments (id, request_id, release_id, from_release_id, trigger, "
-            "state, services, plan, machine, started_at, kind, new_release) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (deployment_id, request_id, release_id, from_release_id, trigger,
-             machine["phase"], json.dumps(target, sort_keys=True), json.dumps(plan),
-             json.dumps(machine), now, kind, int(new_release)),
-        )  # fmt: skip
-        await self._db.commit()
-
     async def save_deployment(
         self, machine: dict[str, Any], events: list[tuple[str, dict[str, Any]]]
     ) -> None:
@@ -220,16 +187,19 @@ class Store:
         merged = {**current, **{k: v for k, v in mine.items() if base.get(k) != v}}
         if merged == mine:
             return release_id
-        cursor = await self._db.execute(
-            "INSERT INTO releases (services, state, created_at, deployment_id) "
-            "VALUES (?, 'good', ?, ?)",
-            (json.dumps(merged, sort_keys=True), time.time(), deployment_id),
-        )
-        merged_id = int(cursor.lastrowid or 0)
+        merged_id = await self._add_release(merged, "good", deployment_id)
         await self._db.execute(
             "UPDATE deployments SET release_id = ? WHERE id = ?", (merged_id, deployment_id)
         )
         return merged_id
+
+    async def _add_release(self, services: dict[str, str], state: str, deployment_id: str) -> int:
+        """A new numbered release (inside the caller's transaction)."""
+        cursor = await self._db.execute(
+            "INSERT INTO releases (services, state, created_at, deployment_id) VALUES (?, ?, ?, ?)",
+            (json.dumps(services, sort_keys=True), state, time.time(), deployment_id),
+        )
+        return int(cursor.lastrowid or 0)
 
     async def _set_release_state(self, release_id: int, state: str) -> None:
         await self._db.execute("UPDATE releases SET state = ? WHERE id = ?", (state, release_id))
@@ -276,12 +246,7 @@ class Store:
         """A queued deployment starts: its release (new if `release_id` is None) and plan."""
         new_release = release_id is None
         if release_id is None:
-            cursor = await self._db.execute(
-                "INSERT INTO releases (services, state, created_at, deployment_id) "
-                "VALUES (?, 'pending', ?, ?)",
-                (json.dumps(target, sort_keys=True), time.time(), deployment_id),
-            )
-            release_id = cursor.lastrowid
+            release_id = await self._add_release(target, "pending", deployment_id)
         row = (await self._rows("SELECT plan FROM deployments WHERE id = ?", deployment_id))[0]
         stored = {**json.loads(row["plan"]), **plan}
         await self._db.execute(

@@ -34,11 +34,11 @@ class Rollback:
 Decision = Ignore | FailInFlight | Rollback
 
 
-def _touches(row: Mapping[str, Any], service: str, host: str | None = None) -> bool:
-    return any(
-        p["service"] == service and (host is None or p["host"] == host)
-        for p in row["machine"]["participants"]
-    )
+def _touches(row: Mapping[str, Any], service: str) -> bool:
+    """Whether a deployment in flight (or still queued) holds `service`."""
+    if service in row.get("plan", {}).get("locks", []):
+        return True
+    return any(p["service"] == service for p in row["machine"]["participants"])
 
 
 def on_alert(
@@ -61,7 +61,12 @@ def on_alert(
         return Ignore(f"{service} is not in the current release")
     for row in in_flight:
         if _touches(row, service):
-            if row["kind"] == "deploy" and row["state"] in ("committing", "holding", "baking"):
+            if row["kind"] == "deploy" and row["state"] in (
+                "committing",
+                "holding",
+                "paused",
+                "baking",
+            ):
                 return FailInFlight(row["deployment_id"])
             return Ignore(f"deployment {row['deployment_id']} is already in flight for {service}")
     if last_completed is None or last_completed["kind"] != "deploy":

@@ -252,9 +252,12 @@ class Broker:
             message = await inbox.get()
             try:
                 await self._handle(message, handler)
-            except _BROKER_ERRORS as e:
-                # The channel went away mid-ack: the broker redelivers, handlers are idempotent.
+            except (*_BROKER_ERRORS, BrokerUnavailable, Unroutable) as e:
+                # The reply or ack was lost with the channel: the broker redelivers the
+                # message and handlers are idempotent, so the consumer simply goes on.
                 self._log.warning("consume.ack_lost", error=repr(e))
+            except Exception:  # never let one delivery end the consumer
+                self._log.exception("consume.failed", message_id=message.message_id)
 
     async def _handle(self, message: AbstractIncomingMessage, handler: Handler) -> None:
         try:

@@ -65,6 +65,27 @@ def test_health_failure_during_bake_returns_fleet_to_v2_and_marks_v3_bad_with_tr
     assert "bad" in refused.doc["error"]["reason"]
 
 
+async def _bind_events(amqp_url: str) -> None:
+    """A queue of the test's own on lockstep.events, as another system would bind one."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("test.events", durable=True)
+        await queue.bind("lockstep.events", "#")
+
+
+async def _events(amqp_url: str) -> list[tuple[str, dict]]:
+    connection = await aio_pika.connect(amqp_url)
+    found = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue("test.events")
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            found.append((message.routing_key or "", json.loads(message.body)["body"]["data"]))
+    return found
+
+
 async def _publish_alerts(amqp_url: str, count: int) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
@@ -84,6 +105,7 @@ def test_alert_after_completed_deploy_returns_fleet_to_previous_release_and_a_bu
     register(fleet)
     v1 = deployed(fleet, "orders=1.0.0", "payments=1.0.0")
     v2 = deployed(fleet, "orders=2.0.0", "payments=1.5.0", flags=("--rollback-scope", "all"))
+    asyncio.run(_bind_events(amqp_url))
 
     asyncio.run(_publish_alerts(amqp_url, 10))
 
@@ -105,6 +127,12 @@ def test_alert_after_completed_deploy_returns_fleet_to_previous_release_and_a_bu
     assert_fleet_at(fleet, {"orders": "1.0.0", "payments": "1.0.0"})
     releases = {r["release_id"]: r["state"] for r in fleet.history()["releases"]}
     assert releases[v2["release_id"]] == "bad"
+    events = asyncio.run(_events(amqp_url))
+    rolled = [data for key, data in events if key == "deployment.rolled_back"]
+    assert len(rolled) == 1, [key for key, _ in events]
+    assert rolled[0]["trigger"] == "alert"
+    assert "5xx rate" in rolled[0]["reason"]
+    assert ("release.bad", v2["release_id"]) in [(k, d.get("release_id")) for k, d in events]
 
 
 def test_partial_rollback_moves_only_orders_when_orders_1_accepts_payments_1_5(
@@ -159,6 +187,8 @@ def test_rollback_with_release_dirs_present_downloads_nothing(three_hosts: Fleet
     assert result.doc["release_id"] == v1["release_id"]
     assert result.doc["trigger"] == "operator"
     assert_fleet_at(fleet, {"orders": "1.0.0", "payments": "1.0.0"})
-    order = [(s["service"], s["ts"]) for h in fleet.hosts for s in fleet.switches(h)
-             if s["to_version"] == "1.0.0" and s["kind"] == "commit"]  # fmt: skip
-    assert order, "the rollback switched hosts"
+    switched = [(s["service"], s["ts"]) for h in fleet.hosts for s in fleet.switches(h)
+                if s["deployment_id"] == result.doc["deployment_id"]]  # fmt: skip
+    last_orders = max(ts for service, ts in switched if service == "orders")
+    first_payments = min(ts for service, ts in switched if service == "payments")
+    assert last_orders < first_payments, "a rollback moves consumers before providers"

@@ -30,7 +30,8 @@ from collections import Counter
 from pathlib import Path
 
 from shared import topology
-from shared.messages import Commit, StepResult, encode, make
+from shared.messages import Prepare, Vote, encode, make
+from shared.specs import load_service_version
 from tests.e2e.fleet import Fleet
 from tests.e2e.test_core import PAY, PLACES, WEB
 from tests.faults.test_protocol import _publish
@@ -106,12 +107,12 @@ class Soak:
             f.signal_agent("host-c", signal.SIGSTOP)
         result = f.cli("deploy", *pairs, "--json", *flags, timeout=60)
         deployment_id = str(result.doc["deployment_id"]) if result.code == 0 else ""
-        self._after_submit(fault)
+        self._after_submit(fault, deployment_id, target)
         if not deployment_id:  # the coordinator died before replying: find the request
             deployment_id = self._newest_after(self.last_id)
         return deployment_id
 
-    def _after_submit(self, fault: str | None) -> None:
+    def _after_submit(self, fault: str | None, deployment_id: str, target: dict[str, str]) -> None:
         f = self.fleet
         if fault and fault.startswith("coordinator."):
             assert f.coordinator is not None
@@ -120,10 +121,6 @@ class Soak:
             except Exception:  # the point was not reached (e.g. nothing to commit)
                 f.kill_coordinator()
             f.start_coordinator()
-        elif fault in ("agent.voted", "agent.switched"):
-            for host in f.hosts.values():
-                if host.proc is not None and host.proc.poll() is not None:
-                    f.start_agent(host.host_id)
         elif fault == "agent.sigstop":
             time.sleep(4)  # the fault itself: silent past the 3 s prepare timeout
             f.signal_agent("host-c", signal.SIGCONT)
@@ -133,16 +130,23 @@ class Soak:
             rabbitmqctl("await_startup")
         elif fault == "broker.close_connections":
             rabbitmqctl("close_all_connections", "soak")
-        elif fault == "duplicate.command" and self.last_id:
-            body = make(Commit(deployment_id=self.last_id, service="payments",
-                               version=self.current["payments"]), "soak")  # fmt: skip
+        elif fault == "duplicate.command" and deployment_id:
+            spec = load_service_version(f.specs / f"payments-{target['payments']}.toml")
+            body = make(Prepare(deployment_id=deployment_id, spec=spec,
+                                from_version=self.current["payments"]), "coordinator")  # fmt: skip
             asyncio.run(_publish(self.amqp_url, topology.COMMANDS, topology.host_key("host-a"),
                                  [encode(body)] * 2))  # fmt: skip
-        elif fault == "duplicate.report" and self.last_id:
-            body = make(StepResult(deployment_id=self.last_id, host_id="host-a", service="payments",
-                                   step="commit", ok=False, reason="soak"), "agent:host-a")  # fmt: skip
+        elif fault == "duplicate.report" and deployment_id:
+            body = make(Vote(deployment_id=deployment_id, host_id="host-a", service="payments",
+                             version=target["payments"], yes=True), "agent:host-a")  # fmt: skip
             asyncio.run(_publish(self.amqp_url, topology.REPORTS, topology.REPORTS_KEY,
                                  [encode(body)] * 2))  # fmt: skip
+
+    def _revive(self) -> None:
+        """Start again every agent a fault killed (SIGKILL at a named point)."""
+        for host in self.fleet.hosts.values():
+            if host.proc is not None and host.proc.poll() is not None:
+                self.fleet.start_agent(host.host_id)
 
     def _newest_after(self, previous: str) -> str:
         def find() -> str | None:
@@ -159,6 +163,7 @@ class Soak:
 
     def _settled(self, deployment_id: str) -> dict[str, object] | None:
         def ended() -> dict[str, object] | None:
+            self._revive()
             rows = self.fleet.cli("history", "--json")
             if rows.code != 0:
                 return None

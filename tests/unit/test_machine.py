@@ -971,3 +971,12 @@ def test_hosts_left_out_as_unavailable_are_told_to_abort_what_they_staged() -> N
     assert after.phase == "committing"
     assert sent_to(actions, "abort") == list(keys("h2"))
     assert sent_to(actions, "commit") == list(keys("h1"))
+
+
+def test_pause_during_prepare_holds_even_the_first_batch() -> None:
+    d, _ = feed(make("h1 | h2"), "started", "pause", "yes h1")
+    after, actions = step(d, ev("yes h2"))
+    assert (after.decision, after.phase) == ("commit", "paused")
+    assert sends(actions) == []
+    after, actions = step(after, Control("resume"))
+    assert sent_to(actions, "commit") == list(keys("h1"))

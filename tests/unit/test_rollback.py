@@ -109,6 +109,8 @@ def alert(severity: str = "critical", service: str = "orders", **facts: Any) -> 
         (alert(last_completed=None), triggers.Ignore("the current release was not deployed forward; nothing to roll back")),
         (alert(last_completed=deployment(kind="rollback")), triggers.Ignore("the current release was not deployed forward; nothing to roll back")),
         (alert(in_flight=[deployment(state="baking")]), triggers.FailInFlight("deploy-baking")),
+        (alert(in_flight=[deployment(state="paused")]), triggers.FailInFlight("deploy-paused")),
+        (alert(in_flight=[{**deployment(kind="rollback", state="queued", services=()), "plan": {"locks": ["orders"]}}]), triggers.Ignore("deployment rollback-queued is already in flight for orders")),
         (alert(in_flight=[deployment(kind="rollback", state="committing")]), triggers.Ignore("deployment rollback-committing is already in flight for orders")),
     ],
 )
