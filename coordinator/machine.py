@@ -14,154 +14,59 @@ has its effect once (I5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
 
+from coordinator.deployment import (
+    ABORT_WAIT,
+    TERMINAL,
+    Action,
+    Control,
+    Deployment,
+    Event,
+    Failed,
+    Finished,
+    Key,
+    Participant,
+    Phase,
+    PPhase,
+    Recovered,
+    Send,
+    Started,
+    StartTimer,
+    StepDone,
+    TimedOut,
+    Voted,
+    from_dict,
+    to_dict,
+)
 from shared.specs import Strategy
 
-Key = tuple[str, str]
-"""(host, service): one participant."""
-
-Phase = Literal[
-    "queued", "preparing", "committing", "holding", "paused", "baking", "reverting", "aborting",
-    "completed", "aborted", "rolled_back", "failed",
-]  # fmt: skip
-TERMINAL: frozenset[str] = frozenset({"completed", "aborted", "rolled_back", "failed"})
-ABORT_WAIT = 30.0
-"""Seconds to wait for agents to confirm an abort before calling it done anyway."""
-
-PPhase = Literal[
-    "queued", "preparing", "prepared", "refused", "unavailable", "committing", "committed",
-    "commit_failed", "aborting", "aborted", "reverting", "reverted", "revert_failed",
-]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Participant:
-    host: str
-    service: str
-    version: str
-    from_version: str | None
-    phase: PPhase = "preparing"
-    reason: str = ""
-
-    @property
-    def key(self) -> Key:
-        return (self.host, self.service)
-
-
-@dataclass(frozen=True)
-class Deployment:
-    id: str
-    strategy: Strategy
-    steps: tuple[tuple[Key, ...], ...]
-    """Commit batches in order (waves, then batches within a wave)."""
-    rank: dict[str, int]
-    """Dependency rank per service: providers lower (reverts go highest first)."""
-    participants: dict[Key, Participant]
-    phase: Phase = "preparing"
-    decision: Literal["commit", "abort"] | None = None
-    reason: str = ""
-    step_index: int = 0
-    failing: bool = False
-    revert_steps: tuple[tuple[Key, ...], ...] = ()
-    revert_index: int = 0
-    cause: str = ""
-    """Why compensation started: health, crash_loop or alert (the automatic trigger)."""
-    paused: bool = False
-    """An operator paused the rollout: no further batch starts until resumed."""
-
-    @property
-    def done(self) -> bool:
-        return self.phase in TERMINAL
-
-    def with_participant(self, key: Key, **changes: str) -> Deployment:
-        participants = dict(self.participants)
-        participants[key] = replace(participants[key], **changes)  # type: ignore[arg-type]
-        return replace(self, participants=participants)
-
-    def in_phase(self, *phases: str) -> list[Key]:
-        return [k for k, p in self.participants.items() if p.phase in phases]
-
-
-# --- events -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Started:
-    pass
-
-
-@dataclass(frozen=True)
-class Voted:
-    key: Key
-    yes: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class StepDone:
-    key: Key
-    step: Literal["commit", "revert", "abort"]
-    ok: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class TimedOut:
-    timer: str
-    """The token of the timer that fired; stale tokens are ignored."""
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A failure reported after a commit (health, crash loop, alert): compensate."""
-
-    reason: str
-    cause: Literal["health", "crash_loop", "alert"] = "health"
-
-
-@dataclass(frozen=True)
-class Recovered:
-    """The coordinator restarted with this deployment in flight."""
-
-
-@dataclass(frozen=True)
-class Control:
-    """An operator's pause, resume or abort."""
-
-    action: Literal["pause", "resume", "abort"]
-
-
-Event = Started | Voted | StepDone | TimedOut | Failed | Recovered | Control
-
-# --- actions ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Send:
-    command: Literal["prepare", "commit", "abort", "revert"]
-    keys: tuple[Key, ...]
-
-
-@dataclass(frozen=True)
-class StartTimer:
-    token: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Finished:
-    phase: str
-    reason: str
-
-
-Action = Send | StartTimer | Finished
-
-
-@dataclass
-class _Out:
-    actions: list[Action] = field(default_factory=list)
+__all__ = [
+    "ABORT_WAIT",
+    "TERMINAL",
+    "Action",
+    "Control",
+    "Deployment",
+    "Event",
+    "Failed",
+    "Finished",
+    "Key",
+    "PPhase",
+    "Participant",
+    "Phase",
+    "Recovered",
+    "Send",
+    "StartTimer",
+    "Started",
+    "StepDone",
+    "TimedOut",
+    "Voted",
+    "from_dict",
+    "new",
+    "queued",
+    "step",
+    "to_dict",
+]
 
 
 def new(
@@ -455,44 +360,3 @@ def _recovered(d: Deployment) -> tuple[Deployment, list[Action]]:
 def _finish(d: Deployment, phase: Phase, reason: str) -> tuple[Deployment, list[Action]]:
     reason = reason or d.reason
     return replace(d, phase=phase, reason=reason), [Finished(phase, reason)]
-
-
-def to_dict(d: Deployment) -> dict[str, object]:
-    """JSON-able form of `d`, for the store."""
-    return {
-        "id": d.id,
-        "strategy": d.strategy.model_dump(),
-        "steps": [[list(k) for k in step] for step in d.steps],
-        "rank": d.rank,
-        "participants": [vars(p) for p in d.participants.values()],
-        "phase": d.phase,
-        "decision": d.decision,
-        "reason": d.reason,
-        "step_index": d.step_index,
-        "failing": d.failing,
-        "revert_steps": [[list(k) for k in step] for step in d.revert_steps],
-        "revert_index": d.revert_index,
-        "cause": d.cause,
-        "paused": d.paused,
-    }
-
-
-def from_dict(data: dict[str, Any]) -> Deployment:
-    """The deployment stored as `data` by `to_dict`."""
-    participants = [Participant(**p) for p in data["participants"]]
-    return Deployment(
-        id=data["id"],
-        strategy=Strategy.model_validate(data["strategy"]),
-        steps=tuple(tuple((h, s) for h, s in step) for step in data["steps"]),
-        rank=dict(data["rank"]),
-        participants={p.key: p for p in participants},
-        phase=data["phase"],
-        decision=data["decision"],
-        reason=data["reason"],
-        step_index=data["step_index"],
-        failing=data["failing"],
-        revert_steps=tuple(tuple((h, s) for h, s in step) for step in data["revert_steps"]),
-        revert_index=data["revert_index"],
-        cause=data.get("cause", ""),
-        paused=data.get("paused", False),
-    )
