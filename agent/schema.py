@@ -21,11 +21,13 @@ CREATE TABLE IF NOT EXISTS services (
     pgid INTEGER, start_time INTEGER, release_dir TEXT NOT NULL, health TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS switches (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, service TEXT NOT NULL,
-    from_version TEXT, to_version TEXT, kind TEXT NOT NULL, deployment_id TEXT);
+    from_version TEXT, to_version TEXT, kind TEXT NOT NULL, deployment_id TEXT,
+    settled_at REAL);
 CREATE TABLE IF NOT EXISTS crash_loops (
     service TEXT PRIMARY KEY, version TEXT NOT NULL, exits INTEGER NOT NULL, ts REAL NOT NULL);
 """
 ADDED_COLUMNS = {
+    "switches": (("settled_at", "REAL"),),
     "txns": (
         ("rollback", "INTEGER NOT NULL DEFAULT 0"),
         ("updated_at", "REAL NOT NULL DEFAULT 0"),

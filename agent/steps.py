@@ -149,7 +149,7 @@ class Steps:
         previous = self.releases.current_version(name)
         await self.sup.stop(name)
         self.releases.switch(name, spec.version)
-        await self.store.add_switch(name, previous, spec.version, kind, dep)
+        switch_id = await self.store.add_switch(name, previous, spec.version, kind, dep)
         if kind == "commit":
             faults.point("agent.switched")
         try:
@@ -157,6 +157,8 @@ class Steps:
             await self.sup.wait_healthy(spec, record)
         except PermanentError as e:
             return str(e)
+        finally:
+            await self.store.settle_switch(switch_id)
         return ""
 
     # --- abort ------------------------------------------------------------------

@@ -75,6 +75,8 @@ class Switch:
     to_version: str | None
     kind: SwitchKind
     deployment_id: str | None
+    settled_at: float | None = None
+    """When the switched service became healthy or failed (None while switching)."""
 
 
 class Store:
@@ -238,11 +240,20 @@ class Store:
         to_version: str | None,
         kind: SwitchKind,
         deployment_id: str | None,
-    ) -> None:
-        await self._db.execute(
+    ) -> int:
+        """Record a switch of `current`; its id, to mark when the service settled."""
+        cursor = await self._db.execute(
             "INSERT INTO switches (ts, service, from_version, to_version, kind, deployment_id)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (time.time(), service, from_version, to_version, kind, deployment_id),
+        )
+        await self._db.commit()
+        return int(cursor.lastrowid or 0)
+
+    async def settle_switch(self, switch_id: int) -> None:
+        """The switched service became healthy or failed: the switch is over."""
+        await self._db.execute(
+            "UPDATE switches SET settled_at = ? WHERE id = ?", (time.time(), switch_id)
         )
         await self._db.commit()
 

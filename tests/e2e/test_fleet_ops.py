@@ -18,8 +18,6 @@ pytestmark = pytest.mark.e2e
 
 HOSTS = [f"host-{i}" for i in range(1, 7)]
 WEB = {"web": "yes"}
-MIN_HEALTHY = 0.1
-"""healthy_after (2) x interval (0.1 s): no started service is healthy sooner."""
 
 
 @pytest.fixture
@@ -42,6 +40,16 @@ def on_every_host(fleet: Fleet, version: str, hosts: list[str] = HOSTS) -> bool:
     return all(fleet.http_version(h, "orders") == version for h in hosts)
 
 
+def max_switching_at_once(fleet: Fleet, deployment_id: str) -> int:
+    """Most hosts between switching and settling (healthy or failed) at any instant,
+    from the agents' own switch records."""
+    spans = [(s["ts"], s["settled_at"]) for h in fleet.hosts for s in fleet.switches(h)
+             if s["deployment_id"] == deployment_id and s["kind"] == "commit"]  # fmt: skip
+    assert spans
+    assert all(end is not None for _, end in spans)
+    return max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+
+
 def switch_times(fleet: Fleet, version: str, kind: str = "commit") -> dict[str, float]:
     return {h: s["ts"] for h in fleet.hosts for s in fleet.switches(h)
             if s["to_version"] == version and s["kind"] == kind and s["service"] == "orders"}  # fmt: skip
@@ -53,16 +61,14 @@ def test_max_parallel_2_switches_at_most_two_hosts_at_once_and_a_failed_second_b
     fleet = six
     first = fleet.deploy("orders=1.0.0", flags=("--max-parallel", "2"))
     ok(first.code, first.stderr)
-    times = sorted(switch_times(fleet, "1.0.0").values())
-    assert len(times) == 6
-    for i in range(len(times) - 2):
-        assert times[i + 2] - times[i] >= MIN_HEALTHY, "a third host switched within a batch"
+    assert max_switching_at_once(fleet, first.doc["deployment_id"]) == 2
 
     result = fleet.deploy("orders=2.0.0", flags=("--max-parallel", "2"))
 
     assert result.code == 1, result.stdout + result.stderr
     assert result.doc["state"] == "rolled_back"
     assert "host-3" in result.doc["reason"]
+    assert max_switching_at_once(fleet, result.doc["deployment_id"]) <= 2
     assert set(switch_times(fleet, "2.0.0")) == {"host-1", "host-2", "host-3", "host-4"}
     assert set(switch_times(fleet, "1.0.0", "revert")) == {"host-1", "host-2", "host-3", "host-4"}
     assert on_every_host(fleet, "1.0.0")
