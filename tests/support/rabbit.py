@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,4 +27,16 @@ def vhost(label: str) -> Iterator[str]:
         rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         yield f"{BASE_URL}{name}"
     finally:
-        rabbitmqctl("delete_vhost", name)
+        _delete(name)
+
+
+def _delete(name: str, attempts: int = 3) -> None:
+    """Delete a vhost; rabbitmqctl can fail transiently under load, so try again."""
+    for attempt in range(attempts):
+        try:
+            rabbitmqctl("delete_vhost", name)
+            return
+        except subprocess.CalledProcessError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(1)  # rabbitmqctl's own retry pacing, not a test synchronisation
