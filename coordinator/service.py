@@ -219,18 +219,15 @@ class Coordinator:
     async def _inquiry(self, body: Inquiry) -> None:
         """An agent in doubt: send it the decision again (presumed abort if none)."""
         row = await self.store.deployment(body.deployment_id)
-        key = (body.host_id, body.service)
         state = machine.from_dict(row["machine"]) if row else None
-        p = state.participants.get(key) if state else None
-        if p is not None and p.phase in ("committing", "committed"):
-            body_out: Body = Commit(
-                deployment_id=body.deployment_id, service=body.service, version=p.version
-            )
-        elif p is not None and p.phase == "prepared" and state is not None and not state.done:
+        answer = triggers.on_inquiry(state, (body.host_id, body.service))
+        if answer is None:
             return  # its batch has not come yet: the commit (or abort) will follow
-        else:
-            # Unknown, aborted, or never switched in a deployment that moved on: presumed abort.
-            body_out = Abort(deployment_id=body.deployment_id, service=body.service)
+        body_out: Body = Abort(deployment_id=body.deployment_id, service=body.service)
+        if answer == "commit" and state is not None:
+            version = state.participants[(body.host_id, body.service)].version
+            body_out = Commit(deployment_id=body.deployment_id, service=body.service,
+                              version=version)  # fmt: skip
         self._log.info("inquiry.answered", deployment_id=body.deployment_id,
                        host_id=body.host_id, command=body_out.KIND)  # fmt: skip
         await self._publish_command(body.host_id, body_out)

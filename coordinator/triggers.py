@@ -1,4 +1,4 @@
-"""What an alert, a health failure or a crash loop should do (SPEC 6.2). Pure.
+"""What an alert, a health failure, a crash loop or an agent in doubt should get. Pure.
 
 The coordinator loop gathers the facts (current release, deployments in flight, the
 deployment that made the current release current) and acts on the decision:
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from coordinator.deployment import Deployment, Key
 
 SEVERITIES = ("info", "warning", "error", "critical")
 
@@ -75,6 +77,21 @@ def on_alert(
         return Ignore("outside the auto-rollback window of the current release")
     scope = last_completed["machine"]["strategy"]["rollback_scope"]
     return Rollback(scope, (service,) if scope == "dependents" else ())
+
+
+def on_inquiry(deployment: Deployment | None, key: Key) -> Literal["commit", "abort"] | None:
+    """What to tell an agent that restarted with `key` prepared and no outcome (SPEC 6.5).
+
+    Commit only a participant that was sent its commit; wait (None) while its batch has
+    not come yet; anything else - unknown, aborted, or a deployment that moved on without
+    switching it - is presumed abort, never a commit of an abandoned version.
+    """
+    p = deployment.participants.get(key) if deployment is not None else None
+    if p is not None and p.phase in ("committing", "committed"):
+        return "commit"
+    if p is not None and p.phase == "prepared" and deployment is not None and not deployment.done:
+        return None
+    return "abort"
 
 
 def on_host_failure(

@@ -980,3 +980,32 @@ def test_pause_during_prepare_holds_even_the_first_batch() -> None:
     assert sends(actions) == []
     after, actions = step(after, Control("resume"))
     assert sent_to(actions, "commit") == list(keys("h1"))
+
+
+# --- answering an agent in doubt (issue 5) -------------------------------------------
+
+from coordinator.triggers import on_inquiry  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("history", "asker", "answer"),
+    [
+        (["started", "yes h1"], "h1", None),  # undecided: the decision will come
+        (["started", "yes h1", "yes h2"], "h1", "commit"),  # its commit was sent
+        (["started", "yes h1", "yes h2"], "h2", None),  # decided, its batch not come yet
+        (["started", "yes h1", "yes h2", "commit h1 ok"], "h1", "commit"),
+        (["started", "yes h1", "no h2 disk"], "h1", "abort"),
+        (["started", "yes h1", "yes h2", "commit h1 fail x", "revert h1 ok"], "h2", "abort"),
+        (["started", "yes h1", "yes h2", "commit h1 fail x", "revert h1 fail y"], "h2", "abort"),
+        (["started", "yes h1", "yes h2", "commit h1 ok", "commit h2 ok"], "h2", "commit"),
+    ],
+)
+def test_agent_in_doubt_is_told_to_commit_only_what_it_was_sent_and_never_an_abandoned_version(
+    history: list[str], asker: str, answer: str | None
+) -> None:
+    d, _ = feed(make("h1 | h2"), *history)
+    assert on_inquiry(d, key(asker)) == answer
+
+
+def test_agent_in_doubt_about_an_unknown_deployment_is_told_to_abort() -> None:
+    assert on_inquiry(None, key("h1")) == "abort"
