@@ -328,7 +328,8 @@ class Coordinator:
     async def _send(
         self, row: dict[str, Any], d: machine.Deployment, send: machine.Send
     ) -> list[machine.Event]:
-        catalog = await self.store.catalog()
+        needs_specs = send.command in ("prepare", "revert")  # commit/abort carry no spec
+        catalog = await self.store.catalog() if needs_specs else {}
         rollback = row["kind"] == "rollback"
         bodies = [self._command(d, send.command, key, catalog, rollback) for key in send.keys]
         results = await asyncio.gather(

@@ -50,8 +50,3 @@ def satisfies(version: str, constraint: str) -> bool:
     """Whether `version` meets every comparison in `constraint`."""
     v = parse_version(version)
     return all(_OPS[op](v.compare(bound)) for op, bound in parse_constraint(constraint))
-
-
-def version_key(version: str) -> semver.Version:
-    """Sort key ordering version strings by semver precedence."""
-    return parse_version(version)

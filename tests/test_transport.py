@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aio_pika
 import pytest
 
@@ -11,25 +9,7 @@ from shared import topology
 from shared.errors import BrokerUnavailable
 from shared.messages import QueryRequest, Reply, make
 from shared.transport import Broker, Delivery
-
-
-async def _dead_letters(
-    amqp_url: str, count: int, timeout: float = 10
-) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    connection = await aio_pika.connect(amqp_url)
-    got = []
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(topology.DEAD_QUEUE)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(got) < count and asyncio.get_running_loop().time() < deadline:
-            message = await queue.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.05)
-                continue
-            await message.ack()
-            got.append(message)
-    return got
+from tests.support.rabbit import dead_letter_reasons
 
 
 async def test_malformed_message_is_dead_lettered_with_reason_and_consumer_keeps_serving(
@@ -44,8 +24,7 @@ async def test_malformed_message_is_dead_lettered_with_reason_and_consumer_keeps
     exchange = await broker.channel.get_exchange(topology.REQUESTS)
     await exchange.publish(aio_pika.Message(b"not json"), "query")
     await exchange.publish(aio_pika.Message(b'{"kind": "query", "id": "x"}'), "query")
-    dead = await _dead_letters(amqp_url, 2)
-    reasons = [m.headers[topology.REASON_HEADER] for m in dead]
+    reasons = await dead_letter_reasons(amqp_url, 2)
     assert "Invalid JSON" in str(reasons[0])
     assert "sender" in str(reasons[1]) or "body" in str(reasons[1])
     reply = await broker.request("query", QueryRequest(what="status"), wait=5)

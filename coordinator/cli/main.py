@@ -165,10 +165,6 @@ def _request(
     return services, result
 
 
-def _strategy_flags(**flags: Any) -> dict[str, Any]:
-    return flags
-
-
 @app.command()
 def plan(
     specs: Specs = None,
@@ -252,7 +248,9 @@ def rollback(
         list[str] | None,
         typer.Option("--service", help="Only these services (and what must move with them)."),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Allow --to a release marked bad.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow --to a release marked bad.")
+    ] = False,
     wait: Wait = False,
     as_json: Json = False,
 ) -> None:

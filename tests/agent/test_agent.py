@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from agent import driver
+from agent.store import ServiceRow
 from shared.messages import (
     Abort,
     AgentHello,
@@ -184,9 +185,10 @@ async def test_a_command_delivered_twice_runs_once_and_is_answered_again(
     assert len(coordinator.bodies(Vote, deployment_id="d1")) in (1, 2)
 
 
-async def test_a_restarted_agent_adopts_the_running_service(
+async def _running_v1_then_stop_agent(
     coordinator: Coordinator, fleet: Fleet, tmp_path: Path
-) -> None:
+) -> ServiceRow:
+    """demo 1.0.0 deployed and running, then its agent stopped; the service's record."""
     agent = await fleet.start_agent()
     v1 = demo_version(tmp_path / "artifacts", "1.0.0")
     assert (await _deploy(coordinator, v1, "d1", None)).ok
@@ -194,6 +196,13 @@ async def test_a_restarted_agent_adopts_the_running_service(
     assert row is not None
     assert row.process is not None
     await fleet.stop_agent(agent)
+    return row
+
+
+async def test_a_restarted_agent_adopts_the_running_service(
+    coordinator: Coordinator, fleet: Fleet, tmp_path: Path
+) -> None:
+    row = await _running_v1_then_stop_agent(coordinator, fleet, tmp_path)
     assert driver.is_alive(row.process)  # stopping the agent leaves services running
 
     again = await fleet.start_agent()
@@ -208,13 +217,7 @@ async def test_a_restarted_agent_adopts_the_running_service(
 async def test_a_restarted_agent_starts_a_dead_service_again(
     coordinator: Coordinator, fleet: Fleet, tmp_path: Path
 ) -> None:
-    agent = await fleet.start_agent()
-    v1 = demo_version(tmp_path / "artifacts", "1.0.0")
-    assert (await _deploy(coordinator, v1, "d1", None)).ok
-    row = await agent.store.service("demo")
-    assert row is not None
-    assert row.process is not None
-    await fleet.stop_agent(agent)
+    row = await _running_v1_then_stop_agent(coordinator, fleet, tmp_path)
     await driver.stop(row.process, grace=5)
 
     again = await fleet.start_agent()

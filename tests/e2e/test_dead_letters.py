@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import asyncio
 
-import aio_pika
 import pytest
 
 from shared import topology
 from tests.e2e.fleet import Fleet
+from tests.support.rabbit import dead_letter_reasons, publish_raw
 
 pytestmark = pytest.mark.e2e
 
 
 async def _publish_and_collect(amqp_url: str, messages: list[tuple[str, str, bytes]]) -> list[str]:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        for exchange_name, key, body in messages:
-            exchange = await channel.get_exchange(exchange_name)
-            await exchange.publish(aio_pika.Message(body), key)
-        dead = await channel.get_queue(topology.DEAD_QUEUE)
-        reasons: list[str] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
-        while len(reasons) < len(messages) and loop.time() < deadline:
-            message = await dead.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.05)
-                continue
-            await message.ack()
-            reasons.append(str(message.headers.get(topology.REASON_HEADER)))
-        return reasons
+    for exchange, key, body in messages:
+        await publish_raw(amqp_url, exchange, key, [body])
+    return await dead_letter_reasons(amqp_url, len(messages))
 
 
 def test_malformed_request_and_report_are_dead_lettered_with_reason_and_coordinator_keeps_serving(

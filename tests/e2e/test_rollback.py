@@ -13,6 +13,7 @@ import shutil
 import aio_pika
 import pytest
 
+from shared.topology import ALERTS, alert_key
 from tests.e2e.fleet import Fleet
 from tests.e2e.test_core import PAY, PLACES, WEB, assert_fleet_at
 from tests.support.procs import wait_until
@@ -90,10 +91,10 @@ async def _publish_alerts(amqp_url: str, count: int) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange("lockstep.alerts")
+        exchange = await channel.get_exchange(ALERTS)
         body = json.dumps({"service": "orders", "severity": "critical", "reason": "5xx rate"})
         await asyncio.gather(*(
-            exchange.publish(aio_pika.Message(body.encode()), "orders.critical")
+            exchange.publish(aio_pika.Message(body.encode()), alert_key("orders", "critical"))
             for _ in range(count)
         ))  # fmt: skip
 

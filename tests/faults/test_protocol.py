@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import uuid
 
-import aio_pika
 import pytest
 
 from shared import topology
@@ -22,7 +21,7 @@ from tests.e2e.fleet import Fleet
 from tests.e2e.test_core import PAY, WEB
 from tests.faults.invariants import check, settled
 from tests.support.procs import wait_until
-from tests.support.rabbit import rabbitmqctl
+from tests.support.rabbit import publish_raw, rabbitmqctl
 from tests.support.slowserver import slow_files
 
 pytestmark = pytest.mark.fault
@@ -161,15 +160,6 @@ def test_broker_restart_or_dropped_connections_during_commit_lose_nothing(
     check(fleet, row, V1, V2)
 
 
-async def _publish(amqp_url: str, exchange: str, key: str, bodies: list[bytes]) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        target = await channel.get_exchange(exchange)
-        for body in bodies:
-            await target.publish(aio_pika.Message(body, delivery_mode=2), key)
-
-
 def _holding(fleet: Fleet) -> str:
     """v2 started with a canary hold; its id once host-a's payments is the committed canary."""
     deployment_id = start_v2(fleet, "--canary", "1", "--canary-bake", "4s")
@@ -194,7 +184,7 @@ def test_command_delivered_twice_has_its_effect_once(three_hosts: Fleet, amqp_ur
     )
     marker = make(Commit(deployment_id=uuid.uuid4().hex, service="payments", version="9.9.9"), "t")
     bodies = [encode(e) for e in (prepare, prepare, commit, commit, again, marker)]
-    asyncio.run(_publish(amqp_url, topology.COMMANDS, topology.host_key("host-a"), bodies))
+    asyncio.run(publish_raw(amqp_url, topology.COMMANDS, topology.host_key("host-a"), bodies))
 
     wait_until(lambda: _handled(fleet, "host-a", marker.id), 30, "host-a to reach the marker")
     assert fleet.pid("host-a", "payments") == pid, "the canary was not switched or restarted again"
@@ -223,7 +213,7 @@ def test_report_delivered_twice_has_its_effect_once(three_hosts: Fleet, amqp_url
                         step="commit", ok=False, reason="duplicate", running="2.0.0"), "agent:host-a"),
     ]  # fmt: skip
     bodies = [encode(r) for r in reports for _ in range(2)]
-    asyncio.run(_publish(amqp_url, topology.REPORTS, topology.REPORTS_KEY, bodies))
+    asyncio.run(publish_raw(amqp_url, topology.REPORTS, topology.REPORTS_KEY, bodies))
 
     row = settled(fleet, deployment_id)
     assert row["state"] == "completed", "a duplicate report must not undo the committed canary"

@@ -34,9 +34,8 @@ from shared.messages import Prepare, Vote, encode, make
 from shared.specs import load_service_version
 from tests.e2e.fleet import Fleet
 from tests.e2e.test_core import PAY, PLACES, WEB
-from tests.faults.test_protocol import _publish
 from tests.support.procs import Procs, wait_until
-from tests.support.rabbit import rabbitmqctl, vhost
+from tests.support.rabbit import publish_raw, rabbitmqctl, vhost
 
 GOOD = [{"orders": "1.0.0", "payments": "1.0.0"}, {"orders": "2.0.0", "payments": "2.0.0"}]
 BAD = {"orders": "2.1.0", "payments": "2.0.0"}
@@ -134,12 +133,12 @@ class Soak:
             spec = load_service_version(f.specs / f"payments-{target['payments']}.toml")
             body = make(Prepare(deployment_id=deployment_id, spec=spec,
                                 from_version=self.current["payments"]), "coordinator")  # fmt: skip
-            asyncio.run(_publish(self.amqp_url, topology.COMMANDS, topology.host_key("host-a"),
+            asyncio.run(publish_raw(self.amqp_url, topology.COMMANDS, topology.host_key("host-a"),
                                  [encode(body)] * 2))  # fmt: skip
         elif fault == "duplicate.report" and deployment_id:
             body = make(Vote(deployment_id=deployment_id, host_id="host-a", service="payments",
                              version=target["payments"], yes=True), "agent:host-a")  # fmt: skip
-            asyncio.run(_publish(self.amqp_url, topology.REPORTS, topology.REPORTS_KEY,
+            asyncio.run(publish_raw(self.amqp_url, topology.REPORTS, topology.REPORTS_KEY,
                                  [encode(body)] * 2))  # fmt: skip
 
     def _revive(self) -> None:

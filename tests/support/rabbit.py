@@ -40,3 +40,39 @@ def _delete(name: str, attempts: int = 3) -> None:
             if attempt + 1 == attempts:
                 raise
             time.sleep(1)  # rabbitmqctl's own retry pacing, not a test synchronisation
+
+
+async def dead_letter_reasons(amqp_url: str, count: int, timeout: float = 15) -> list[str]:
+    """The reasons of the next `count` messages in lockstep.dead (fewer if the deadline passes)."""
+    import asyncio
+
+    import aio_pika
+
+    from shared import topology
+
+    connection = await aio_pika.connect(amqp_url)
+    reasons: list[str] = []
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.get_queue(topology.DEAD_QUEUE)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(reasons) < count and asyncio.get_running_loop().time() < deadline:
+            message = await dead.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)  # poll interval within the deadline
+                continue
+            await message.ack()
+            reasons.append(str(message.headers.get(topology.REASON_HEADER)))
+    return reasons
+
+
+async def publish_raw(amqp_url: str, exchange: str, key: str, bodies: list[bytes]) -> None:
+    """Publish raw bodies with plain aio-pika, as another system (or a duplicate) would."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        target = await channel.get_exchange(exchange)
+        for body in bodies:
+            await target.publish(aio_pika.Message(body, delivery_mode=2), key)

@@ -13,8 +13,12 @@ from shared.specs import ServiceVersion
 
 def sv(name: str, version: str, requires: dict[str, str] | None = None) -> ServiceVersion:
     return ServiceVersion(
-        name=name, version=version, artifact="file:///srv/x", run="true",
-        requires=requires or {}, health={"exec": "true"},
+        name=name,
+        version=version,
+        artifact="file:///srv/x",
+        run="true",
+        requires=requires or {},
+        health={"exec": "true"},
     )
 
 
@@ -51,21 +55,28 @@ def test_rollback_to_a_bad_release_needs_force() -> None:
 
 def test_partial_rollback_moves_only_the_service_when_its_old_version_accepts_the_rest() -> None:
     cat = catalog(
-        sv("payments", "1.0.0"), sv("payments", "1.5.0"),
-        sv("orders", "1.0.0", {"payments": ">=1.0.0"}), sv("orders", "2.0.0", {"payments": ">=1.5.0"}),
+        sv("payments", "1.0.0"),
+        sv("payments", "1.5.0"),
+        sv("orders", "1.0.0", {"payments": ">=1.0.0"}),
+        sv("orders", "2.0.0", {"payments": ">=1.5.0"}),
     )
     target = rollback.dependents_target(
-        {"orders": "2.0.0", "payments": "1.5.0"}, {"orders": "1.0.0", "payments": "1.0.0"},
-        ["orders"], cat,
+        {"orders": "2.0.0", "payments": "1.5.0"},
+        {"orders": "1.0.0", "payments": "1.0.0"},
+        ["orders"],
+        cat,
     )
     assert target == {"orders": "1.0.0", "payments": "1.5.0"}
 
 
 def test_partial_rollback_moves_the_providers_the_old_version_needs() -> None:
     cat = catalog(
-        sv("payments", "1.0.0"), sv("payments", "1.5.0"), sv("inventory", "1.0.0"),
+        sv("payments", "1.0.0"),
+        sv("payments", "1.5.0"),
+        sv("inventory", "1.0.0"),
         sv("inventory", "2.0.0"),
-        sv("orders", "1.0.0", {"payments": "<1.5.0"}), sv("orders", "2.0.0", {"payments": ">=1.5.0"}),
+        sv("orders", "1.0.0", {"payments": "<1.5.0"}),
+        sv("orders", "2.0.0", {"payments": ">=1.5.0"}),
     )
     current = {"orders": "2.0.0", "payments": "1.5.0", "inventory": "2.0.0"}
     previous = {"orders": "1.0.0", "payments": "1.0.0", "inventory": "1.0.0"}
@@ -78,20 +89,36 @@ def test_partial_rollback_of_a_service_not_in_the_release_is_refused() -> None:
         rollback.dependents_target({"orders": "2.0.0"}, {"orders": "1.0.0"}, ["billing"], {})
 
 
-def deployment(kind: str = "deploy", state: str = "completed", ended_at: float = 100.0,
-               scope: str = "dependents", services: tuple[str, ...] = ("orders",)) -> dict[str, Any]:
+def deployment(
+    kind: str = "deploy",
+    state: str = "completed",
+    ended_at: float = 100.0,
+    scope: str = "dependents",
+    services: tuple[str, ...] = ("orders",),
+) -> dict[str, Any]:
     return {
-        "deployment_id": f"{kind}-{state}", "kind": kind, "state": state, "ended_at": ended_at,
-        "machine": {"strategy": {"rollback_scope": scope},
-                    "participants": [{"host": "h", "service": s, "version": "2.0.0",
-                                      "phase": "committed"} for s in services]},
+        "deployment_id": f"{kind}-{state}",
+        "kind": kind,
+        "state": state,
+        "ended_at": ended_at,
+        "machine": {
+            "strategy": {"rollback_scope": scope},
+            "participants": [
+                {"host": "h", "service": s, "version": "2.0.0", "phase": "committed"}
+                for s in services
+            ],
+        },
     }
 
 
 def alert(severity: str = "critical", service: str = "orders", **facts: Any) -> triggers.Decision:
     args: dict[str, Any] = {
-        "threshold": "critical", "current": {"orders": "2.0.0"}, "in_flight": [],
-        "last_completed": deployment(), "now": 160.0, "window": 900.0,
+        "threshold": "critical",
+        "current": {"orders": "2.0.0"},
+        "in_flight": [],
+        "last_completed": deployment(),
+        "now": 160.0,
+        "window": 900.0,
     }
     args.update(facts)
     return triggers.on_alert(service, severity, **args)
@@ -102,16 +129,41 @@ def alert(severity: str = "critical", service: str = "orders", **facts: Any) -> 
     [
         (alert(), triggers.Rollback("dependents", ("orders",))),
         (alert(last_completed=deployment(scope="all")), triggers.Rollback("all", ())),
-        (alert(severity="warning"), triggers.Ignore("severity warning is below the threshold critical")),
+        (
+            alert(severity="warning"),
+            triggers.Ignore("severity warning is below the threshold critical"),
+        ),
         (alert(severity="loud"), triggers.Ignore("unknown severity 'loud'")),
         (alert(service="billing"), triggers.Ignore("billing is not in the current release")),
-        (alert(now=2000.0), triggers.Ignore("outside the auto-rollback window of the current release")),
-        (alert(last_completed=None), triggers.Ignore("the current release was not deployed forward; nothing to roll back")),
-        (alert(last_completed=deployment(kind="rollback")), triggers.Ignore("the current release was not deployed forward; nothing to roll back")),
+        (
+            alert(now=2000.0),
+            triggers.Ignore("outside the auto-rollback window of the current release"),
+        ),
+        (
+            alert(last_completed=None),
+            triggers.Ignore("the current release was not deployed forward; nothing to roll back"),
+        ),
+        (
+            alert(last_completed=deployment(kind="rollback")),
+            triggers.Ignore("the current release was not deployed forward; nothing to roll back"),
+        ),
         (alert(in_flight=[deployment(state="baking")]), triggers.FailInFlight("deploy-baking")),
         (alert(in_flight=[deployment(state="paused")]), triggers.FailInFlight("deploy-paused")),
-        (alert(in_flight=[{**deployment(kind="rollback", state="queued", services=()), "plan": {"locks": ["orders"]}}]), triggers.Ignore("deployment rollback-queued is already in flight for orders")),
-        (alert(in_flight=[deployment(kind="rollback", state="committing")]), triggers.Ignore("deployment rollback-committing is already in flight for orders")),
+        (
+            alert(
+                in_flight=[
+                    {
+                        **deployment(kind="rollback", state="queued", services=()),
+                        "plan": {"locks": ["orders"]},
+                    }
+                ]
+            ),
+            triggers.Ignore("deployment rollback-queued is already in flight for orders"),
+        ),
+        (
+            alert(in_flight=[deployment(kind="rollback", state="committing")]),
+            triggers.Ignore("deployment rollback-committing is already in flight for orders"),
+        ),
     ],
 )
 def test_alert_decision_follows_threshold_window_scope_and_in_flight_rules(
@@ -158,14 +210,18 @@ def test_desired_is_the_release_restricted_to_services_whose_selector_matches() 
 def test_drift_fixes_known_versions_and_reports_unknown_ones_unless_overwrite(
     running: dict[str, str | None], overwrite: bool, fix: dict[str, str], unknown: dict[str, str]
 ) -> None:
-    found = convergence.drift({"orders": "1.0.0"}, running, {("orders", "0.9.0"), ("orders", "1.0.0")}, overwrite)
+    found = convergence.drift(
+        {"orders": "1.0.0"}, running, {("orders", "0.9.0"), ("orders", "1.0.0")}, overwrite
+    )
     assert (found.fix, found.unknown) == (fix, unknown)
 
 
 def test_locks_hold_changed_services_and_their_direct_requires_neighbours() -> None:
     cat = catalog(
-        sv("inventory", "1.0.0"), sv("payments", "1.0.0", {"inventory": ">=1.0.0"}),
-        sv("orders", "1.0.0", {"payments": ">=1.0.0"}), sv("mail", "1.0.0"),
+        sv("inventory", "1.0.0"),
+        sv("payments", "1.0.0", {"inventory": ">=1.0.0"}),
+        sv("orders", "1.0.0", {"payments": ">=1.0.0"}),
+        sv("mail", "1.0.0"),
     )
     target = {"inventory": "1.0.0", "payments": "1.0.0", "orders": "1.0.0", "mail": "1.0.0"}
     assert convergence.locks(["payments"], target, cat) == {"payments", "inventory", "orders"}
