@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS switches (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, service TEXT NOT NULL,
     from_version TEXT, to_version TEXT, kind TEXT NOT NULL, deployment_id TEXT,
     settled_at REAL);
+CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS crash_loops (
     service TEXT PRIMARY KEY, version TEXT NOT NULL, exits INTEGER NOT NULL, ts REAL NOT NULL);
 """

@@ -1,11 +1,14 @@
 """The agent's service loop: consume commands, run them per service, report back.
 
 `agent.main.run` builds one `Agent` and awaits `start()`/`stop()`; tests do the same
-in-process. Start-up opens the store, connects, adopts the services recorded in the
-store, says hello, starts heartbeats, resumes commands received before a crash, then
-consumes `lockstep.agent.<host_id>`, then asks the coordinator about every prepared
-transaction it holds (`agent.indoubt`). The delivery handler only records a command
-durably and hands it to that service's serial worker, so the transport acks at once
+in-process. Start-up opens the store, loads (or makes) the agent's key pair, connects,
+adopts the services recorded in the store, says hello (with its public key: SPEC 7
+enrollment), starts heartbeats, resumes commands received before a crash (verified
+again: the log is no back door), then consumes `lockstep.agent.<host_id>` (declared by
+the coordinator or `broker add-agent`; the agent declares nothing), then asks the
+coordinator about every prepared transaction it holds (`agent.indoubt`). The delivery
+handler verifies a command (`agent.trust`: signature, address, expiry, replay), records
+it durably and hands it to that service's serial worker, so the transport acks at once
 (SPEC 5: commands are never held unacked for the length of a deploy). A watched
 service that exits goes to the supervisor's crash handling, which reports a crash loop
 through `_report`. `stop()` leaves every service running: the next agent adopts them.
@@ -14,11 +17,15 @@ through `_report`. `stop()` leaves every service running: the next agent adopts 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent import trust
 from agent.driver import ProcessRecord
 from agent.indoubt import InDoubt, stale_after
 from agent.monitor import Monitor
@@ -26,14 +33,15 @@ from agent.releases import Releases
 from agent.steps import Command, Steps
 from agent.store import CommandRecord, Store
 from agent.supervisor import Supervisor
-from shared import faults, log, metrics, topology
-from shared.config import AgentSettings, BrokerSettings
+from shared import faults, log, metrics, signing, topology
+from shared.config import AgentSettings, BrokerSettings, SecuritySettings
 from shared.errors import ProtocolError, TransientError
 from shared.messages import (
     Abort,
     AgentHello,
     Body,
     Commit,
+    Envelope,
     Health,
     HealthChange,
     Heartbeat,
@@ -44,7 +52,6 @@ from shared.messages import (
     StepResult,
     Vote,
     decode,
-    encode,
     make,
 )
 from shared.tasks import TaskGroup
@@ -52,6 +59,8 @@ from shared.transport import Broker, Delivery
 
 DB_NAME = "agent.db"
 RETRY_MAX = 5.0
+SEEN_KEPT = 7 * 24 * 3600.0
+"""How long received command ids are remembered (far longer than any command lives)."""
 
 
 class Agent:
@@ -64,14 +73,22 @@ class Agent:
         state_dir: Path,
         broker_settings: BrokerSettings,
         agent_settings: AgentSettings,
+        coordinator_key: Ed25519PublicKey,
+        security: SecuritySettings | None = None,
     ) -> None:
         self.host_id = host_id
         self.labels = dict(labels)
         self.state_dir = state_dir
         self.broker_settings = broker_settings
         self.settings = agent_settings
+        self.security = security or SecuritySettings()
+        self.coordinator_key = coordinator_key
         self.sender = f"agent:{host_id}"
-        self.broker = Broker(broker_settings, name=self.sender)
+        self.signer = signing.Signer(signing.own_key(state_dir))
+        self.broker = Broker(
+            broker_settings, name=self.sender, signer=self.signer,
+            dead_letter_via=(topology.REPORTS, topology.DEAD_KEY),
+        )  # fmt: skip
         self.releases = Releases(state_dir)
         self._tasks = TaskGroup(self.sender)
         self.monitor = Monitor(self._tasks, self._on_health, self._on_exit)
@@ -100,18 +117,17 @@ class Agent:
         indoubt = InDoubt(
             self._store, self._publish, self.host_id, stale_after(self.settings.heartbeat_interval)
         )
+        await self._store.forget_seen(time.time() - SEEN_KEPT)
         await self.broker.connect()
-        queue = topology.agent_queue(self.host_id, self.broker_settings.agent_queue_type)
-        await self.broker.declare(queue)
         await self._supervisor.adopt()
         states = await self._supervisor.states()
-        await self._publish(AgentHello(host_id=self.host_id, labels=self.labels, services=states))
+        hello = AgentHello(host_id=self.host_id, labels=self.labels, services=states,
+                           public_key=self.signer.public)  # fmt: skip
+        await self._report(hello)  # retried until the topology exists
+        self._log.info("agent.key", fingerprint=signing.fingerprint(self.signer.public))
         self._tasks.spawn(self._heartbeats(), "heartbeats", forever=True)
-        for record in await self._store.pending_commands():
-            self._log.info("command.resumed", command_id=record.id, step=record.step,
-                           service=record.service, deployment_id=record.deployment_id)  # fmt: skip
-            self._dispatch(record)
-        await self.broker.consume(queue.name, self._on_delivery)
+        await self._resume()
+        await self._consume(topology.agent_queue_name(self.host_id))
         in_doubt = await indoubt.ask_all()
         self._tasks.spawn(indoubt.run(), "indoubt", forever=True)
         self._log.info("agent.started", labels=self.labels, services=len(states),
@@ -128,19 +144,55 @@ class Agent:
             self._store = None
         self._log.info("agent.stopped")
 
+    async def _consume(self, queue_name: str) -> None:
+        """Consume this host's queue once someone with the right to declared it."""
+        delay = 0.2
+        while True:
+            try:
+                await self.broker.consume(queue_name, self._on_delivery)
+                return
+            except TransientError as e:
+                self._log.info("agent.waiting_for_queue", queue=queue_name, error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def _resume(self) -> None:
+        """Run again the commands received before a restart, once verified again."""
+        for record in await self.store.pending_commands():
+            logger = self._log.bind(
+                command_id=record.id, step=record.step, service=record.service,
+                deployment_id=record.deployment_id,
+            )  # fmt: skip
+            try:
+                self._verify(decode(record.body.encode()))
+            except ProtocolError as e:
+                logger.warning("command.refused", reason=e.reason, resumed=True)
+                metrics.REFUSED.labels(e.code).inc()
+                await self.store.drop_command(record.id)
+                continue
+            logger.info("command.resumed")
+            self._dispatch(record)
+
+    def _verify(self, envelope: Envelope) -> None:
+        trust.check_command(envelope, self.host_id, self.coordinator_key, datetime.now(UTC),
+                            self.security.clock_skew)  # fmt: skip
+
     # --- receiving ----------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         envelope = delivery.envelope
+        self._verify(envelope)
         body = envelope.body
         if isinstance(body, Ping):
             await self._heartbeat()
             return
         if not isinstance(body, Prepare | Commit | Abort | Revert):
             raise ProtocolError(f"kind: an agent does not accept {envelope.kind!r} messages")
+        if await self.store.seen(envelope.id):
+            raise trust.replayed(envelope)
         service = body.spec.name if isinstance(body, Prepare) else body.service
         record = await self.store.add_command(
-            envelope.id, body.deployment_id, service, body.KIND, encode(envelope).decode()
+            envelope.id, body.deployment_id, service, body.KIND, delivery.raw.decode()
         )
         if record.state == "done" and record.result is not None:
             self._log.info("command.duplicate", command_id=envelope.id, step=record.step,
@@ -214,7 +266,8 @@ class Agent:
         newest view, so a heartbeat overtaken by a step result cannot undo it."""
         observed_at = datetime.now(UTC)
         states = await self._supervisor_or_fail().states()
-        body = Heartbeat(host_id=self.host_id, services=states, labels=self.labels)
+        body = Heartbeat(host_id=self.host_id, services=states, labels=self.labels,
+                         public_key=self.signer.public)  # fmt: skip
         await self._publish(body, observed_at)
 
     def _supervisor_or_fail(self) -> Supervisor:

@@ -102,15 +102,30 @@ class Store:
 
     # --- commands ---------------------------------------------------------------
 
+    async def seen(self, id: str) -> bool:
+        """Whether a command with this envelope id was received before (replay check)."""
+        async with self._db.execute("SELECT 1 FROM seen WHERE id = ?", (id,)) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def forget_seen(self, older_than: float) -> None:
+        """Forget command ids received before `older_than` (time.time()): long expired."""
+        await self._db.execute("DELETE FROM seen WHERE at < ?", (older_than,))
+        await self._db.commit()
+
     async def add_command(
         self, id: str, deployment_id: str, service: str, step: str, body: str
     ) -> CommandRecord:
-        """Record a received command; an existing one (same id or step) is returned as is."""
+        """Record a received command and its id; an existing one (same id or step) is
+        returned as is, and its id remembered too."""
+        await self._db.execute(
+            "INSERT OR IGNORE INTO seen (id, at) VALUES (?, ?)", (id, time.time())
+        )
         existing = await self._command(
             "id = ? OR (deployment_id = ? AND service = ? AND step = ?)",
             (id, deployment_id, service, step),
         )
         if existing is not None:
+            await self._db.commit()
             return existing
         await self._db.execute(
             "INSERT INTO commands (id, deployment_id, service, step, body, state)"
@@ -119,6 +134,11 @@ class Store:
         )
         await self._db.commit()
         return CommandRecord(id, deployment_id, service, step, body, "received", None)
+
+    async def drop_command(self, id: str) -> None:
+        """Remove a received command that failed verification when read back."""
+        await self._db.execute("DELETE FROM commands WHERE id = ? AND state = 'received'", (id,))
+        await self._db.commit()
 
     async def finish_command(self, id: str, result: dict[str, Any]) -> None:
         await self._db.execute(

@@ -43,6 +43,8 @@ class Request(BaseModel):
     """Convergence: the one host to bring to the current release."""
     queue: bool = True
     """False: refuse rather than wait behind an overlapping deployment."""
+    requested_by: str = ""
+    """The broker user who asked (validated by the broker); empty for automatic ones."""
 
 
 class Intake:
@@ -77,6 +79,7 @@ class Intake:
                 deployment_id=deployment_id, request_id=request_id, trigger=request.trigger,
                 kind=request.kind, target=target, request=request.model_dump(mode="json"),
                 locks=sorted(held), machine=machine.to_dict(waiting),
+                requested_by=request.requested_by,
             )  # fmt: skip
             await self._start_ready()
         row = await self.store.deployment(deployment_id)

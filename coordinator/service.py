@@ -1,7 +1,10 @@
 """The coordinator process: consumes requests and reports, drives deployments.
 
 Every side effect of the coordinator lives here. A delivery is handled to the end
-(store written) before the transport acks it. Deployments advance only through
+(store written) before the transport acks it. Agent reports pass the enrollment gate
+first (`coordinator.enrollment`: signed by an approved key, from the host's own broker
+user); requests pass the operators allow-list, and who asked is recorded. Commands
+are signed, addressed (`to`) and expire (`expires_at`). Deployments advance only through
 `drive`, which loads the deployment, applies the pure state machine, saves the result
 and then performs the actions: the store always knows at least as much as any agent
 was told.
@@ -11,17 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from coordinator import machine, rollback, triggers, views
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator import machine, rollback, triggers, trust, views
+from coordinator.enrollment import Enrollment, Policy
 from coordinator.intake import Intake, Request
 from coordinator.machine import Key
 from coordinator.store import Store
 from coordinator.watch import Watch
-from shared import faults, log, metrics, topology
+from shared import faults, log, metrics, signing, topology
 from shared.config import BrokerSettings, CoordinatorSettings
-from shared.errors import BrokerUnavailable, ProtocolError, UserError
+from shared.errors import BrokerUnavailable, ProtocolError, Refused, UserError
 from shared.messages import (
     Abort,
     AgentHello,
@@ -53,19 +60,28 @@ SENDER = "coordinator"
 
 
 class Coordinator:
-    def __init__(self, db: Path, broker: BrokerSettings, settings: CoordinatorSettings) -> None:
+    def __init__(
+        self, db: Path, broker: BrokerSettings, settings: CoordinatorSettings,
+        key: Ed25519PrivateKey, policy: Policy | None = None,
+    ) -> None:  # fmt: skip
         self.db_path = db
         self.settings = settings
-        self.broker = Broker(broker, f"coordinator:{db.name}")
+        self.policy = policy or Policy()
+        self.broker = Broker(broker, f"coordinator:{db.name}", signer=signing.Signer(key))
+        self._queue_type = broker.agent_queue_type
         self._tasks = TaskGroup("coordinator")
         self._lock = asyncio.Lock()
         self._log = log.get("coordinator")
         self.store: Store
         self.intake: Intake
+        self.enrollment: Enrollment
 
     async def start(self) -> None:
         self.store = await Store.open(self.db_path)
         self.intake = Intake(self.store, self.lost_after, self._begin)
+        self.enrollment = Enrollment(
+            self.store, self.broker, self.policy, self._queue_type, self._emit
+        )
         await self.broker.connect()
         await self.broker.declare(topology.coordinator_queue())
         for row in await self.store.deployments(in_flight=True):
@@ -94,23 +110,40 @@ class Coordinator:
 
     async def handle(self, delivery: Delivery) -> Body | None:
         body = delivery.envelope.body
+        kind = delivery.envelope.kind
         try:
+            if kind in topology.REPORT_KINDS and not await self.enrollment.admit(delivery):
+                return None
+            if kind in topology.REQUEST_KINDS:
+                self._authorize(delivery)
             return await self._dispatch(delivery, body)
         except UserError as e:
             if not delivery.reply_to:
                 raise ProtocolError(str(e)) from e
             return Reply(ok=False, error=ErrorInfo(kind="user", field=e.field, reason=e.reason))
 
+    def _authorize(self, delivery: Delivery) -> None:
+        """Refuse a request from a broker user outside the operators allow-list."""
+        try:
+            trust.authorize(delivery.user_id, self.policy.operators)
+        except Refused as e:
+            metrics.REFUSED.labels(e.code).inc()
+            self._log.warning("request.refused", user_id=delivery.user_id, reason=e.reason)
+            raise UserError("user_id", e.reason) from e
+
     async def _dispatch(self, delivery: Delivery, body: Body) -> Body | None:
         match body:
             case RegisterRequest():
                 return Reply(ok=True, data={"versions": await self.store.register(body.versions)})
             case DeployRequest():
-                request = Request(services=body.services, strategy=body.strategy, queue=body.queue)
+                request = Request(services=body.services, strategy=body.strategy, queue=body.queue,
+                                  requested_by=delivery.user_id or "")  # fmt: skip
                 data = await self.intake.submit(delivery.envelope.id, request, body.dry_run)
                 return Reply(ok=True, data=data)
             case RollbackRequest():
-                return Reply(ok=True, data=await self.rollback(delivery.envelope.id, body))
+                data = await self.rollback(delivery.envelope.id, body,
+                                           requested_by=delivery.user_id or "")  # fmt: skip
+                return Reply(ok=True, data=data)
             case ControlRequest():
                 return Reply(ok=True, data=await self.control(body))
             case Inquiry():
@@ -165,7 +198,8 @@ class Coordinator:
         if body.what == "history":
             return views.history(await self.store.deployments(), await self.store.releases())
         if body.what == "agents":
-            return views.agents(await self.store.agents(), now, self.lost_after)
+            rows = await self.store.agents(approved_only=False)
+            return views.agents(rows, now, self.lost_after, self.enrollment.heard)
         if body.what == "events":
             return {"events": await self.store.events(body.after)}
         row = await self.store.deployment(body.deployment_id or "")
@@ -174,7 +208,8 @@ class Coordinator:
         return views.deployment(row)
 
     async def rollback(
-        self, request_id: str, body: RollbackRequest, trigger: str = "operator", reason: str = ""
+        self, request_id: str, body: RollbackRequest, trigger: str = "operator", reason: str = "",
+        requested_by: str = "",
     ) -> dict[str, Any]:
         """Deploy the last good (or named) release, or move back only some services."""
         releases = await self.store.releases()
@@ -192,19 +227,25 @@ class Coordinator:
             services = rollback.dependents_target(current, services, body.services, catalog)
             reuse = reuse if services == target["services"] else None
         request = Request(services=services, strategy=body.strategy, kind="rollback",
-                          trigger=trigger, release_id=reuse, reason=reason)  # fmt: skip
+                          trigger=trigger, release_id=reuse, reason=reason,
+                          requested_by=requested_by)  # fmt: skip
         return await self.intake.submit(request_id, request)
 
     async def control(self, body: ControlRequest) -> dict[str, Any]:
-        """An operator's pause, resume or abort of a deployment, or converge of a host."""
-        if body.action == "converge":
+        """An operator's pause, resume or abort of a deployment, converge of a host, or
+        approve, reject, revoke or remove of an agent's key."""
+        action = body.action
+        if action in ("approve", "reject", "revoke", "remove"):
+            return await self.enrollment.control(action, body.host_id)
+        if action == "converge":
             if not body.host_id or not await self.store.set_agent(body.host_id, overwrite=True):
                 raise UserError("host", f"no agent {body.host_id!r}")
             return {"host_id": body.host_id, "overwrite": True}
+        assert action in ("pause", "resume", "abort")
         deployment_id = body.deployment_id or await self._only_in_flight()
         if await self.store.deployment(deployment_id) is None:
             raise UserError("deployment_id", f"no deployment {deployment_id!r}")
-        await self.drive(deployment_id, machine.Control(body.action))
+        await self.drive(deployment_id, machine.Control(action))
         row = await self.store.deployment(deployment_id)
         assert row is not None
         return views.deployment(row)
@@ -373,7 +414,10 @@ class Coordinator:
         return Revert(deployment_id=d.id, service=p.service, to=to)
 
     async def _publish_command(self, host: str, body: Body) -> None:
-        envelope = make(body, SENDER)
+        """Sign, address and date `body` for `host` (SPEC 7), and publish it."""
+        now = datetime.now(UTC)
+        expires = now + timedelta(seconds=self.policy.security.command_ttl)
+        envelope = make(body, SENDER, to=host, sent_at=now, expires_at=expires)
         await self.broker.publish(
             topology.COMMANDS, topology.host_key(host), envelope, mandatory=True
         )
@@ -423,10 +467,11 @@ def _fault_points(before: machine.Deployment, after: machine.Deployment) -> None
 
 
 async def serve(
-    db: Path, broker: BrokerSettings, settings: CoordinatorSettings, metrics_port: int | None = None
-) -> None:
+    db: Path, broker: BrokerSettings, settings: CoordinatorSettings, key: Ed25519PrivateKey,
+    policy: Policy, metrics_port: int | None = None,
+) -> None:  # fmt: skip
     """Run a coordinator until cancelled (SIGTERM/SIGINT)."""
-    coordinator = Coordinator(db, broker, settings)
+    coordinator = Coordinator(db, broker, settings, key, policy)
     metrics.serve(metrics_port)
     await coordinator.start()
     try:

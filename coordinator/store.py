@@ -15,6 +15,7 @@ from typing import Any
 
 import aiosqlite
 
+from coordinator.trust import KnownKey
 from shared.errors import UserError
 from shared.specs import ServiceVersion
 
@@ -31,16 +32,27 @@ CREATE TABLE IF NOT EXISTS deployments (
     trigger TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     services TEXT NOT NULL, plan TEXT NOT NULL, machine TEXT NOT NULL,
     started_at REAL NOT NULL, ended_at REAL,
-    kind TEXT NOT NULL DEFAULT 'deploy', new_release INTEGER NOT NULL DEFAULT 1);
+    kind TEXT NOT NULL DEFAULT 'deploy', new_release INTEGER NOT NULL DEFAULT 1,
+    requested_by TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS agents (
     host_id TEXT PRIMARY KEY, labels TEXT NOT NULL, services TEXT NOT NULL,
     last_seen REAL NOT NULL, first_seen REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'alive', overwrite INTEGER NOT NULL DEFAULT 0,
-    reported_at REAL NOT NULL DEFAULT 0);
+    reported_at REAL NOT NULL DEFAULT 0, public_key TEXT NOT NULL DEFAULT '',
+    key_state TEXT NOT NULL DEFAULT 'pending');
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, type TEXT NOT NULL,
     deployment_id TEXT, data TEXT NOT NULL);
 """
+
+_ADDED_COLUMNS = {
+    "agents": (
+        ("public_key", "TEXT NOT NULL DEFAULT ''"),
+        ("key_state", "TEXT NOT NULL DEFAULT 'pending'"),
+    ),
+    "deployments": (("requested_by", "TEXT NOT NULL DEFAULT ''"),),
+}
+"""Columns added after a table first shipped: added to an older database on open."""
 
 RELEASE_STATE = {"completed": "good", "aborted": "aborted", "rolled_back": "bad", "failed": "bad"}
 
@@ -61,6 +73,12 @@ class Store:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            async with db.execute(f"PRAGMA table_info({table})") as cursor:
+                have = {row["name"] for row in await cursor.fetchall()}
+            for name, decl in columns:
+                if name not in have:
+                    await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         await db.commit()
         return cls(db)
 
@@ -215,11 +233,13 @@ class Store:
         request: dict[str, Any],
         locks: list[str],
         machine: dict[str, Any],
+        requested_by: str = "",
     ) -> None:
         """Record an accepted request that starts when its services are free (FIFO)."""
         await self._db.execute(
             "INSERT INTO deployments (id, request_id, trigger, state, services, plan, machine, "
-            "started_at, kind, new_release) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, 0)",
+            "started_at, kind, new_release, requested_by) "
+            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?)",
             (
                 deployment_id,
                 request_id,
@@ -229,6 +249,7 @@ class Store:
                 json.dumps(machine),
                 time.time(),
                 kind,
+                requested_by,
             ),
         )
         await self._db.commit()
@@ -350,8 +371,11 @@ class Store:
         )
         await self._db.commit()
 
-    async def agents(self) -> list[dict[str, Any]]:
-        rows = await self._rows("SELECT * FROM agents ORDER BY host_id")
+    async def agents(self, *, approved_only: bool = True) -> list[dict[str, Any]]:
+        """The agents whose keys are approved (every enrolled one with `approved_only`
+        False: only `lockstep agents` lists the others)."""
+        where = "WHERE key_state = 'approved'" if approved_only else ""
+        rows = await self._rows(f"SELECT * FROM agents {where} ORDER BY host_id")
         return [
             {
                 "host_id": r["host_id"],
@@ -360,9 +384,44 @@ class Store:
                 "last_seen": r["last_seen"],
                 "state": r["state"],
                 "overwrite": bool(r["overwrite"]),
+                "key_state": r["key_state"],
+                "public_key": r["public_key"],
             }
             for r in rows
         ]
+
+    async def known_key(self, host_id: str) -> KnownKey | None:
+        """The key an enrolled host signs with, and its state."""
+        rows = await self._rows(
+            "SELECT public_key, key_state FROM agents WHERE host_id = ?", host_id
+        )
+        if not rows:
+            return None
+        return KnownKey(host_id, rows[0]["public_key"], rows[0]["key_state"])
+
+    async def enroll(
+        self, host_id: str, public_key: str, labels: dict[str, str], key_state: str
+    ) -> None:
+        """Record a new host and its key; nothing of what it reports is believed yet."""
+        now = time.time()
+        await self._db.execute(
+            "INSERT INTO agents (host_id, labels, services, last_seen, first_seen, public_key,"
+            " key_state) VALUES (?, ?, '[]', ?, ?, ?, ?)",
+            (host_id, json.dumps(labels), now, now, public_key, key_state),
+        )
+        await self._db.commit()
+
+    async def set_key_state(self, host_id: str, key_state: str) -> None:
+        await self._db.execute(
+            "UPDATE agents SET key_state = ? WHERE host_id = ?", (key_state, host_id)
+        )
+        await self._db.commit()
+
+    async def remove_agent(self, host_id: str) -> bool:
+        """Forget a host and its key (it may enroll again, with a new key); False if unknown."""
+        cursor = await self._db.execute("DELETE FROM agents WHERE host_id = ?", (host_id,))
+        await self._db.commit()
+        return cursor.rowcount > 0
 
     async def set_agent(
         self, host_id: str, *, state: str | None = None, overwrite: bool | None = None
@@ -424,4 +483,5 @@ def _deployment(row: aiosqlite.Row) -> dict[str, Any]:
         "started_at": row["started_at"],
         "ended_at": row["ended_at"],
         "kind": row["kind"],
+        "requested_by": row["requested_by"],
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator import machine
+from shared import signing
 
 
 def alive(agent: dict[str, Any], now: float, lost_after: float) -> bool:
@@ -36,6 +37,7 @@ def deployment(row: dict[str, Any]) -> dict[str, Any]:
         "state": row["state"],
         "reason": row["reason"],
         "trigger": row["trigger"],
+        "requested_by": row["requested_by"],
         "services": row["services"],
         "participants": participants,
         "started_at": row["started_at"],
@@ -54,6 +56,7 @@ def history(rows: list[dict[str, Any]], releases: list[dict[str, Any]]) -> dict[
         "services",
         "started_at",
         "ended_at",
+        "requested_by",
     )
     return {
         "deployments": [{k: r[k] for k in keys} for r in rows],
@@ -61,14 +64,22 @@ def history(rows: list[dict[str, Any]], releases: list[dict[str, Any]]) -> dict[
     }
 
 
-def agents(rows: list[dict[str, Any]], now: float, lost_after: float) -> dict[str, Any]:
+def agents(
+    rows: list[dict[str, Any]], now: float, lost_after: float, heard: dict[str, float]
+) -> dict[str, Any]:
+    """Every enrolled agent; one whose key is not approved is alive while it reports
+    (`heard`), though nothing it says is believed."""
     return {
         "agents": [
             {
                 "host_id": a["host_id"],
                 "labels": a["labels"],
-                "state": "alive" if alive(a, now, lost_after) else "lost",
-                "key_state": "unsigned",
+                "state": "alive" if alive(
+                    {"last_seen": max(a["last_seen"], heard.get(a["host_id"], 0.0))},
+                    now, lost_after,
+                ) else "lost",
+                "key_state": a["key_state"],
+                "fingerprint": signing.fingerprint(a["public_key"]) if a["public_key"] else None,
                 "last_seen": a["last_seen"],
                 "services": a["services"],
             }

@@ -29,6 +29,26 @@ class BrokerSettings(BaseSettings):
     """Pause between reconnection attempts after the broker went away."""
     publish_retry: Duration = 30.0
     """How long a publish keeps re-sending through a broker outage before failing."""
+    max_message_bytes: int = Field(default=1 << 20, ge=1024)
+    """Deliveries larger than this are dead-lettered before they are parsed."""
+
+
+class SecuritySettings(BaseSettings):
+    """Signing and freshness of messages (SPEC 7); both sides read the same variables."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
+
+    coordinator_key: str | None = None
+    """Agents: path of the coordinator's public key (`coordinator.pub`); required."""
+    command_ttl: Duration = 300.0
+    """How long after it was sent a command may still be executed (`expires_at`)."""
+    clock_skew: Duration = 30.0
+    """How far apart clocks may be: allowed past a command's expiry, and before a
+    report's `sent_at` counts as from the future."""
+    agent_users: Literal["per-host", "shared"] = "per-host"
+    """Coordinator: `per-host` accepts a report only with `user_id` lockstep-agent-<host>
+    (set by `lockstep broker add-agent`); `shared` lets agents share a broker user
+    (labs, tests: the broker then cannot stop one agent posing as another)."""
 
 
 class CoordinatorSettings(BaseSettings):

@@ -29,11 +29,23 @@ class UserError(LockstepError):
 
 
 class ProtocolError(LockstepError):
-    """A message that must not be acted on; it is dead-lettered with `reason`."""
+    """A message that must not be acted on; it is dead-lettered with `reason`.
 
-    def __init__(self, reason: str) -> None:
+    `code` is the short, fixed name of the refusal (`bad_signature`, `expired`, ...):
+    the dead-letter header starts with it and the refusal metric is labelled by it.
+    """
+
+    def __init__(self, reason: str, code: str = "invalid") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
+
+
+class Refused(ProtocolError):
+    """A message refused by a security check (SPEC 7): its reason starts with `code`."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}", code)
 
 
 class DecodeError(ProtocolError):

@@ -1,21 +1,34 @@
 """Every message that crosses the broker: one envelope, one body model per kind.
 
-The envelope is `{"kind", "id", "sent_at", "sender", "body", "sig"}` (SPEC 5). `kind`
-selects the body model (a pydantic discriminated union), `id` is the idempotency key.
+The envelope is `{"kind", "id", "sent_at", "expires_at", "sender", "to", "body", "sig"}`
+(SPEC 5). `kind` selects the body model (a pydantic discriminated union), `id` is the
+idempotency key, `to` the host a command is for; `sig` is added by `shared.signing`.
 `decode` is the one place raw bytes become a model; it raises `DecodeError`, which the
 transport dead-letters. `make` wraps a body in a fresh envelope.
+
+Identifiers that reach a filesystem path on some host (deployment ids, service names,
+versions, host ids) are validated against strict patterns right here, where they are
+decoded: `../x` or `/abs` never gets as far as a path.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import DecodeError
-from shared.specs import ServiceVersion, Strategy, field_of
+from shared.specs import HOST, NAME, VERSION, ServiceVersion, Strategy, field_of
+
+ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+DeploymentId = Annotated[str, Field(pattern=ID)]
+HostId = Annotated[str, Field(pattern=HOST)]
+ServiceName = Annotated[str, Field(pattern=NAME)]
+VersionText = Annotated[str, Field(pattern=VERSION)]
+PublicKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+"""An Ed25519 public key: its 32 raw bytes, base64."""
 
 Health = Literal["healthy", "unhealthy", "starting", "stopped", "unknown"]
 Step = Literal["commit", "revert", "abort"]
@@ -57,15 +70,15 @@ class ControlRequest(Body):
     """pause, resume or abort a deployment; converge lets a host's unknown versions go."""
 
     KIND: ClassVar[str] = "control"
-    action: Literal["pause", "resume", "abort", "converge"]
-    deployment_id: str | None = None
-    host_id: str | None = None
+    action: Literal["pause", "resume", "abort", "converge", "approve", "reject", "revoke", "remove"]
+    deployment_id: DeploymentId | None = None
+    host_id: HostId | None = None
 
 
 class QueryRequest(Body):
     KIND: ClassVar[str] = "query"
     what: Literal["status", "history", "agents", "deployment", "events"]
-    deployment_id: str | None = None
+    deployment_id: DeploymentId | None = None
     after: int = 0
 
 
@@ -88,30 +101,30 @@ class Reply(Body):
 
 class Prepare(Body):
     KIND: ClassVar[str] = "prepare"
-    deployment_id: str
+    deployment_id: DeploymentId
     spec: ServiceVersion
-    from_version: str | None
+    from_version: VersionText | None
     rollback: bool = False
     """A rollback: use the kept release dir if intact, run `before_rollback` on commit."""
 
 
 class Commit(Body):
     KIND: ClassVar[str] = "commit"
-    deployment_id: str
-    service: str
-    version: str
+    deployment_id: DeploymentId
+    service: ServiceName
+    version: VersionText
 
 
 class Abort(Body):
     KIND: ClassVar[str] = "abort"
-    deployment_id: str
-    service: str
+    deployment_id: DeploymentId
+    service: ServiceName
 
 
 class Revert(Body):
     KIND: ClassVar[str] = "revert"
-    deployment_id: str
-    service: str
+    deployment_id: DeploymentId
+    service: ServiceName
     to: ServiceVersion | None
     """The version to go back to; None stops the service (it was new on the host)."""
 
@@ -125,63 +138,67 @@ class Ping(Body):
 
 class ServiceState(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    service: str
-    version: str | None
+    service: ServiceName
+    version: VersionText | None
     health: Health
     pid: int | None = None
 
 
 class AgentHello(Body):
     KIND: ClassVar[str] = "agent.register"
-    host_id: str
+    host_id: HostId
     labels: dict[str, str]
     services: list[ServiceState]
+    public_key: PublicKey
+    """The key this agent signs with; a new host's key starts `pending` (SPEC 7)."""
 
 
 class Heartbeat(Body):
     KIND: ClassVar[str] = "heartbeat"
-    host_id: str
+    host_id: HostId
     services: list[ServiceState]
     labels: dict[str, str] | None = None
     """Repeated so a coordinator that missed the agent's hello still learns them."""
+    public_key: PublicKey | None = None
+    """Repeated for the same reason: a coordinator that never saw the hello enrolls it."""
 
 
 class Vote(Body):
     KIND: ClassVar[str] = "vote"
-    deployment_id: str
-    host_id: str
-    service: str
-    version: str
+    deployment_id: DeploymentId
+    host_id: HostId
+    service: ServiceName
+    version: VersionText
     yes: bool
     reason: str = ""
 
 
 class StepResult(Body):
     KIND: ClassVar[str] = "step.result"
-    deployment_id: str
-    host_id: str
-    service: str
+    deployment_id: DeploymentId
+    host_id: HostId
+    service: ServiceName
     step: Step
     ok: bool
     reason: str = ""
-    running: str | None = None
+    running: VersionText | None = None
     """The version the service runs after the step (None when stopped)."""
 
 
 class HealthChange(Body):
     KIND: ClassVar[str] = "health.change"
-    host_id: str
-    service: str
-    version: str | None
+    host_id: HostId
+    service: ServiceName
+    version: VersionText | None
     health: Health
     reason: str = ""
 
 
 class CrashLoop(Body):
     KIND: ClassVar[str] = "crash.loop"
-    host_id: str
-    service: str
-    version: str | None
+    host_id: HostId
+    service: ServiceName
+    version: VersionText | None
     exits: int
     window: float
     """Seconds within which the service exited `exits` times."""
@@ -194,9 +211,9 @@ class Inquiry(Body):
     """
 
     KIND: ClassVar[str] = "txn.inquiry"
-    deployment_id: str
-    host_id: str
-    service: str
+    deployment_id: DeploymentId
+    host_id: HostId
+    service: ServiceName
 
 
 # --- alerts from monitoring, events for other systems ------------------------------
@@ -229,10 +246,14 @@ def _now() -> datetime:
 
 class _EnvelopeBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=ID)
     sent_at: datetime = Field(default_factory=_now)
+    expires_at: datetime | None = None
+    """Past this (plus the allowed clock skew) a command is refused (SPEC 7)."""
     sender: str = Field(min_length=1, max_length=256)
-    sig: str | None = None
+    to: HostId | None = None
+    """The host a command is for; an agent refuses a command addressed elsewhere."""
+    sig: str | None = Field(default=None, max_length=200)
 
 
 def _envelope_class(body: type[Body]) -> type[_EnvelopeBase]:

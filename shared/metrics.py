@@ -11,6 +11,16 @@ from prometheus_client import Counter, Gauge, start_http_server
 DEAD_LETTERED = Counter(
     "lockstep_messages_dead_lettered_total", "Messages rejected to lockstep.dead", ["queue"]
 )
+REFUSED = Counter(
+    "lockstep_messages_refused_total",
+    "Messages dead-lettered, by reason (bad_signature, expired, wrong_host, replayed, ...)",
+    ["reason"],
+)
+IGNORED = Counter(
+    "lockstep_reports_ignored_total",
+    "Agent reports dropped because the agent's key is not approved",
+    ["why"],
+)
 HANDLED = Counter("lockstep_messages_handled_total", "Messages handled and acked", ["kind"])
 DEPLOYMENTS = Counter(
     "lockstep_deployments_finished_total", "Deployments that ended, by outcome", ["state"]

@@ -19,6 +19,11 @@ from shared.errors import UserError
 from shared.versions import parse_constraint, parse_version
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+"""A service name: also a directory name on every host, so no `/` and no leading dot."""
+HOST = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+"""A host id (an agent's identity and part of its queue and broker-user names)."""
+VERSION = r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$"
+"""A version as text: also a directory name on every host (and semver on top)."""
 
 
 class _Strict(BaseModel):

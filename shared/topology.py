@@ -1,12 +1,15 @@
-"""Every exchange, queue and routing-key name of SPEC 5, and the arguments they carry.
+"""Every exchange, queue, routing-key and broker-user name of SPEC 5 and 7, as data.
 
-Names are built here and nowhere else. The transport declares what these describe;
-both sides declare idempotently (same names, same arguments), so whichever starts
-first creates the topology and the other finds it in place.
+Names are built here and nowhere else. The coordinator (or `lockstep broker setup`)
+declares the topology and every agent's queue; an agent declares nothing, since its
+least-privilege broker user may only read its own queue and write reports. What each
+exchange accepts (`ACCEPTS`) and what each role may touch (`permissions`) live here
+too, so the transport's kind check and the broker's permissions agree by construction.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,10 +23,32 @@ DEAD = "lockstep.dead"
 COORDINATOR_QUEUE = "lockstep.coordinator"
 DEAD_QUEUE = "lockstep.dead"
 REPORTS_KEY = "coordinator"
-REQUEST_KEYS = ("register", "deploy", "rollback", "query", "pause", "resume", "abort", "converge")
+DEAD_KEY = "dead"
+"""Routing key on lockstep.reports that leads to lockstep.dead: how an agent, which may
+write only to lockstep.reports, dead-letters a command it refused, with the reason."""
+REQUEST_KEYS = (
+    "register", "deploy", "rollback", "query", "pause", "resume", "abort", "converge", "agents",
+)  # fmt: skip
+"""SPEC 5's keys, and `agents` for approve/reject/revoke/remove of an agent's key."""
 
 REASON_HEADER = "x-lockstep-reason"
 """Header on a dead-lettered message: why it was rejected."""
+
+REQUEST_KINDS = frozenset({"register", "deploy", "rollback", "control", "query"})
+REPORT_KINDS = frozenset(
+    {"agent.register", "heartbeat", "vote", "step.result", "health.change", "crash.loop",
+     "txn.inquiry"}
+)  # fmt: skip
+COMMAND_KINDS = frozenset({"prepare", "commit", "abort", "revert", "ping"})
+ACCEPTS: dict[str, frozenset[str]] = {
+    REQUESTS: REQUEST_KINDS,
+    REPORTS: REPORT_KINDS,
+    COMMANDS: COMMAND_KINDS,
+    ALERTS: frozenset({"alert"}),
+    EVENTS: frozenset({"event"}),
+    "": frozenset({"reply"}),
+}
+"""Exchange -> the message kinds it carries; anything else is dead-lettered (SPEC 7)."""
 
 ExchangeType = Literal["direct", "topic", "fanout"]
 QueueType = Literal["quorum", "classic"]
@@ -95,4 +120,50 @@ def agent_queue(host_id: str, queue_type: QueueType = "quorum") -> Queue:
 
 def dead_queue() -> Queue:
     """Where dead-lettered messages wait for an operator (durable classic)."""
-    return Queue(DEAD_QUEUE, "classic", ((DEAD, ""),))
+    return Queue(DEAD_QUEUE, "classic", ((DEAD, ""), (REPORTS, DEAD_KEY)))
+
+
+# --- broker users per role (SPEC 7) ------------------------------------------------
+
+COORDINATOR_USER = "lockstep-coordinator"
+OPERATOR_USER = "lockstep-operator"
+ALERTS_USER = "lockstep-alerts"
+AGENT_USER_PREFIX = "lockstep-agent-"
+
+
+def agent_user(host_id: str) -> str:
+    """The broker user of one agent; reports it publishes carry it as `user_id`."""
+    return f"{AGENT_USER_PREFIX}{host_id}"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """RabbitMQ configure/write/read regular expressions for one user on one vhost."""
+
+    configure: str
+    write: str
+    read: str
+
+
+_REPLY_QUEUES = r"amq\.gen-.*"
+
+
+def permissions(user: str) -> Permissions:
+    """What `user` may touch: the coordinator all of lockstep; an operator publishes
+    requests and reads its replies and the events; a monitoring system publishes alerts;
+    an agent reads its own queue and writes reports (refusals go to lockstep.dead
+    through lockstep.reports, key `dead`), nothing else."""
+    if user == COORDINATOR_USER:
+        return Permissions(r"^lockstep\..*", r"^(lockstep\..*|amq\.default)$", r"^lockstep\..*")
+    if user == OPERATOR_USER:
+        return Permissions(
+            f"^{_REPLY_QUEUES}$",
+            rf"^({_REPLY_QUEUES}|lockstep\.requests)$",
+            rf"^({_REPLY_QUEUES}|lockstep\.events)$",
+        )
+    if user == ALERTS_USER:
+        return Permissions("^$", r"^lockstep\.alerts$", "^$")
+    if user.startswith(AGENT_USER_PREFIX):
+        queue = re.escape(agent_queue_name(user.removeprefix(AGENT_USER_PREFIX)))
+        return Permissions("^$", r"^lockstep\.reports$", f"^{queue}$")
+    raise ValueError(f"{user!r} is not a lockstep role")

@@ -1,13 +1,16 @@
 """The broker boundary: the only module that imports aio-pika.
 
 `Broker` connects (robustly), declares the topology of `shared.topology`, publishes
-envelopes with publisher confirms and persistent delivery, consumes with manual acks,
-and makes request/reply calls for the CLI. Inside `consume`, one place decides what
-happens to a delivery: decoded and handled -> ack (after the handler's effect is
-durable, since the handler returns only then); a `ProtocolError` -> dead-lettered to
-`lockstep.dead` with the reason and acked; a `TransientError` -> requeued; anything
-else -> dead-lettered with the error, and the consumer keeps running. Library errors
-become `BrokerUnavailable` here.
+envelopes with publisher confirms and persistent delivery (signed, when it was given a
+`Signer`, and stamped with the connection's user as `user_id`, which the broker
+checks), consumes with manual acks, and makes request/reply calls for the CLI.
+
+Inside `consume`, one place decides what happens to a delivery: too large, not
+decodable, or a kind its exchange does not carry -> dead-lettered; decoded and handled
+-> ack (after the handler's effect is durable, since the handler returns only then); a
+`ProtocolError` (a failed signature check among them) -> dead-lettered with the reason
+and acked; a `TransientError` -> requeued; anything else -> dead-lettered with the
+error, and the consumer keeps running. Library errors become `BrokerUnavailable` here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -44,7 +48,7 @@ from shared.errors import (
     TransientError,
 )
 from shared.messages import Body, Envelope, Reply, decode, decode_alert, encode, make
-from shared.signing import sign, verify
+from shared.signing import Signer
 from shared.tasks import TaskGroup
 
 _BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, asyncio.TimeoutError)
@@ -64,6 +68,10 @@ class Delivery:
     reply_to: str | None
     correlation_id: str | None
     redelivered: bool
+    user_id: str | None = None
+    """The publisher's broker user, validated by the broker when it was set."""
+    raw: bytes = b""
+    """The body as delivered (what an agent's durable command log keeps)."""
 
 
 Handler = Callable[[Delivery], Awaitable[Body | None]]
@@ -73,9 +81,20 @@ Handler = Callable[[Delivery], Awaitable[Body | None]]
 class Broker:
     """One process's connection to RabbitMQ."""
 
-    def __init__(self, settings: BrokerSettings, name: str) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        name: str,
+        *,
+        signer: Signer | None = None,
+        dead_letter_via: tuple[str, str] = (topology.DEAD, ""),
+    ) -> None:
         self.settings = settings
         self.name = name
+        self.signer = signer
+        self.user = unquote(urlsplit(settings.amqp_url).username or "") or "guest"
+        """The broker user this process connects as (aio-pika's default is guest)."""
+        self._dead_letter_via = dead_letter_via
         self._log = log.get("transport", connection=name)
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -132,6 +151,13 @@ class Broker:
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"declaring the topology failed: {e!r}") from e
 
+    async def declare_queue(self, spec: topology.Queue) -> None:
+        """Declare one more queue (an agent's, once the coordinator heard of it)."""
+        try:
+            await self._declare_queue(spec)
+        except _BROKER_ERRORS as e:
+            raise BrokerUnavailable(f"declaring {spec.name} failed: {e!r}") from e
+
     async def _declare_queue(
         self, spec: topology.Queue, channel: AbstractChannel | None = None
     ) -> AbstractQueue:
@@ -166,13 +192,14 @@ class Broker:
         `publish_retry` runs out: receivers deduplicate by envelope id.
         """
         message = aio_pika.Message(
-            encode(sign(envelope)),
+            encode(self._signed(envelope)),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=envelope.id,
             reply_to=reply_to,
             correlation_id=correlation_id,
             type=envelope.kind,
+            user_id=self.user,
         )
         deadline = asyncio.get_running_loop().time() + self.settings.publish_retry
         pause = 0.1
@@ -207,37 +234,51 @@ class Broker:
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"publish to {exchange}/{routing_key} failed: {e!r}") from e
 
+    def _signed(self, envelope: Envelope) -> Envelope:
+        return self.signer.sign(envelope) if self.signer is not None else envelope
+
     async def dead_letter(self, raw: bytes, reason: str, exchange: str, routing_key: str) -> None:
-        """Send `raw` to `lockstep.dead` with the reason in a header."""
+        """Send `raw` to `lockstep.dead` with the reason in a header (an agent, which may
+        write only reports, goes through lockstep.reports with the key `dead`)."""
         headers: dict[str, Any] = {
             topology.REASON_HEADER: reason[:1000],
             "x-lockstep-exchange": exchange,
             "x-lockstep-routing-key": routing_key,
         }
         message = aio_pika.Message(
-            raw, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            raw[: self.settings.max_message_bytes],
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user,
         )
-        await self._publish(topology.DEAD, "", message, mandatory=False)
+        target, key = self._dead_letter_via
+        await self._publish(target, key, message, mandatory=False)
 
     # --- consuming --------------------------------------------------------------
 
     async def consume(self, queue_name: str, handler: Handler) -> None:
-        """Feed a queue this broker declared to `handler`, one delivery at a time, in order.
+        """Feed a queue to `handler`, one delivery at a time, in order.
 
         The queue is declared again on the consuming channel: aio-pika restores only the
         queues a robust channel declared, so this is what brings the consumer back after
-        a broker restart.
+        a broker restart. A queue this broker did not declare itself (an agent's, which
+        the coordinator declares) is declared passively, which needs no permission;
+        `Unroutable` if it does not exist yet.
         """
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         spec = self._specs.get(queue_name)
-        if spec is None:
-            raise BrokerUnavailable(f"{queue_name} was not declared by this connection")
         try:
             channel = await self._connection_or_fail().channel()
             await channel.set_qos(prefetch_count=self.settings.prefetch)
-            queue = await self._declare_queue(spec, channel)
+            queue: AbstractQueue
+            if spec is None:  # someone else's declaration: look, never configure
+                queue = await channel.declare_queue(queue_name, passive=True)
+            else:
+                queue = await self._declare_queue(spec, channel)
             self._queues.append(queue)
             await queue.consume(inbox.put)
+        except ChannelNotFoundEntity as e:
+            raise Unroutable(f"there is no queue {queue_name}") from e
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"consuming {queue_name} failed: {e!r}") from e
         self._tasks.spawn(self._work(inbox, handler), f"consume:{queue_name}", forever=True)
@@ -261,22 +302,11 @@ class Broker:
 
     async def _handle(self, message: AbstractIncomingMessage, handler: Handler) -> None:
         try:
-            if message.exchange == topology.ALERTS:
-                envelope = decode_alert(message.body, message.app_id or "monitoring")
-            else:
-                envelope = decode(message.body)
-            verify(envelope)
-            delivery = Delivery(
-                envelope,
-                message.exchange or "",
-                message.routing_key or "",
-                message.reply_to,
-                message.correlation_id,
-                bool(message.redelivered),
-            )
+            delivery = self._admit(message)
+            envelope = delivery.envelope
             reply = await handler(delivery)
         except ProtocolError as e:
-            await self._reject(message, e.reason)
+            await self._reject(message, e.reason, e.code)
             return
         except TransientError as e:
             self._log.warning("consume.retry", error=str(e), message_id=message.message_id)
@@ -292,14 +322,43 @@ class Broker:
         await message.ack()
         metrics.HANDLED.labels(envelope.kind).inc()
 
-    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
+    def _admit(self, message: AbstractIncomingMessage) -> Delivery:
+        """The delivery `message` makes, or `ProtocolError`: bounded, decoded, and of a
+        kind its exchange carries (an alert exchange carries alerts only)."""
+        exchange = message.exchange or ""
+        size = len(message.body)
+        if size > self.settings.max_message_bytes:
+            raise ProtocolError(
+                f"too_large: {size} bytes; the limit is {self.settings.max_message_bytes}",
+                "too_large",
+            )
+        if exchange == topology.ALERTS:
+            envelope = decode_alert(message.body, message.app_id or "monitoring")
+        else:
+            envelope = decode(message.body)
+        accepted = topology.ACCEPTS.get(exchange)
+        if accepted is not None and envelope.kind not in accepted:
+            raise ProtocolError(
+                f"wrong_exchange: {exchange or 'the default exchange'} does not carry "
+                f"{envelope.kind!r} messages",
+                "wrong_exchange",
+            )
+        return Delivery(
+            envelope, exchange, message.routing_key or "", message.reply_to,
+            message.correlation_id, bool(message.redelivered), message.user_id, message.body,
+        )  # fmt: skip
+
+    async def _reject(
+        self, message: AbstractIncomingMessage, reason: str, code: str = "handler_failed"
+    ) -> None:
         self._log.warning("message.dead_lettered", reason=reason, routing_key=message.routing_key)
         metrics.DEAD_LETTERED.labels(message.routing_key or "").inc()
+        metrics.REFUSED.labels(code).inc()
         try:
             await self.dead_letter(
                 message.body, reason, message.exchange or "", message.routing_key or ""
             )
-        except (BrokerUnavailable, Unroutable):
+        except (BrokerUnavailable, Unroutable, ProtocolError):
             await message.reject(requeue=False)  # the queue's dead-letter exchange takes it
             return
         await message.ack()
@@ -307,9 +366,10 @@ class Broker:
     async def reply(self, reply_to: str, correlation_id: str | None, body: Body) -> None:
         """Answer a request on its `reply_to` queue."""
         message = aio_pika.Message(
-            encode(make(body, self.name)),
+            encode(self._signed(make(body, self.name))),
             content_type="application/json",
             correlation_id=correlation_id,
+            user_id=self.user,
         )
         await self._publish("", reply_to, message, mandatory=False)
 

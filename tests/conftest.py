@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared import log
+from shared import log, signing
 from shared.config import BrokerSettings
 from shared.transport import Broker
 from tests.support.procs import Procs
@@ -21,6 +22,20 @@ log.setup("warning", json=True)
 
 def _label(request: pytest.FixtureRequest) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "-", request.node.name)
+
+
+@pytest.fixture(scope="session")
+def coordinator_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a coordinator key pair (as `lockstep keys init` writes it)."""
+    directory = tmp_path_factory.mktemp("keys")
+    signing.write_pair(directory, "coordinator", signing.generate())
+    return directory
+
+
+@pytest.fixture
+def coordinator_key(coordinator_keys: Path) -> Ed25519PrivateKey:
+    """The coordinator's private key: what tests sign commands with."""
+    return signing.load_private(coordinator_keys / signing.COORDINATOR_KEY)
 
 
 @pytest.fixture
@@ -64,13 +79,17 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
 
 
 @pytest.fixture
-def lockstep_env(amqp_url: str) -> dict[str, str]:
-    """Environment for a real `lockstep` process bound to this test's vhost."""
+def lockstep_env(amqp_url: str, coordinator_keys: Path) -> dict[str, str]:
+    """Environment for a real `lockstep` process bound to this test's vhost: agents
+    trust the session's coordinator key, and share the broker user guest (the
+    least-privilege tests give each agent its own user)."""
     env = dict(os.environ)
     env.update(
         LOCKSTEP_AMQP_URL=amqp_url,
         LOCKSTEP_HEARTBEAT_INTERVAL="0.5",
         LOCKSTEP_LOG_LEVEL="info",
+        LOCKSTEP_COORDINATOR_KEY=str(coordinator_keys / signing.COORDINATOR_PUB),
+        LOCKSTEP_AGENT_USERS="shared",
         PYTHONUNBUFFERED="1",
     )
     return env

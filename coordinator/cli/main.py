@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.cli import render
 from coordinator.cli.client import (
@@ -29,8 +30,8 @@ from coordinator.cli.client import (
     emit,
     fail,
 )
-from shared import log
-from shared.config import BrokerSettings, CoordinatorSettings
+from shared import log, signing
+from shared.config import BrokerSettings, CoordinatorSettings, SecuritySettings
 from shared.errors import BrokerUnavailable, UserError
 from shared.messages import (
     ControlRequest,
@@ -70,16 +71,60 @@ def _run_forever(main: Coroutine[Any, Any, None]) -> None:
 @app.command()
 def coordinator(
     db: Annotated[Path, typer.Option(help="SQLite file.")] = Path("lockstep-coordinator.db"),
+    key_dir: Annotated[
+        Path, typer.Option(help="Where coordinator.key is (made by `lockstep keys init`).")
+    ] = Path("."),
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port.")] = None,
+    auto_approve: Annotated[
+        bool,
+        typer.Option(help="Approve every new agent key at once (labs and demos only: any "
+                     "host id that reports is then trusted)."),
+    ] = False,
+    operators: Annotated[
+        list[str] | None,
+        typer.Option(help="Broker user allowed to send requests (repeatable; default: any)."),
+    ] = None,
 ) -> None:
     """Run the coordinator."""
+    from coordinator.enrollment import Policy
     from coordinator.service import serve
 
     log.setup()
     try:
-        _run_forever(serve(db, BrokerSettings(), CoordinatorSettings(), metrics_port))
+        key = _coordinator_key(key_dir)
+        policy = Policy(SecuritySettings(), auto_approve, frozenset(operators or ()))
+        _run_forever(serve(db, BrokerSettings(), CoordinatorSettings(), key, policy, metrics_port))
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, e.field)
     except BrokerUnavailable as e:
         fail(EXIT_UNREACHABLE, "unreachable", str(e))
+
+
+def _coordinator_key(key_dir: Path) -> Ed25519PrivateKey:
+    path = key_dir / signing.COORDINATOR_KEY
+    if not path.exists():
+        raise UserError("--key-dir", f"no {path}: the coordinator signs every command; run "
+                        f"`lockstep keys init --dir {key_dir}` first")  # fmt: skip
+    return signing.load_private(path)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="The coordinator's signing keys.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    dir: Annotated[Path, typer.Option("--dir", help="Where to write the key pair.")] = Path("."),
+    as_json: Json = False,
+) -> None:
+    """Write the coordinator's key pair (coordinator.key 0600, coordinator.pub)."""
+    try:
+        private, public = signing.write_pair(dir, "coordinator", signing.generate())
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, e.field, as_json=as_json)
+    doc = {"key": str(private), "public_key": str(public.resolve())}
+    emit(doc, as_json, lambda d: f"{d['public_key']}\n(give this file to every agent: "
+         "--coordinator-key; keep coordinator.key secret)")  # fmt: skip
 
 
 @app.command()
@@ -90,6 +135,10 @@ def agent(
         "lockstep-agent"
     ),
     driver: Annotated[str, typer.Option(help="process or systemd.")] = "process",
+    coordinator_key: Annotated[
+        Path | None,
+        typer.Option(help="The coordinator's coordinator.pub (or LOCKSTEP_COORDINATOR_KEY)."),
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port.")] = None,
 ) -> None:
     """Run an agent on this host."""
@@ -98,7 +147,7 @@ def agent(
     log.setup()
     try:
         labels = dict(_pair(item, "--label") for item in label or [])
-        run(host_id, labels, state_dir, driver, metrics_port)
+        run(host_id, labels, state_dir, driver, metrics_port, coordinator_key)
     except UserError as e:
         fail(EXIT_BAD_INPUT, "user", e.reason, e.field)
     except BrokerUnavailable as e:
@@ -323,25 +372,35 @@ def history(as_json: Json = False) -> None:
     _query("history", as_json, render.history)
 
 
+AGENT_ACTIONS = ("approve", "reject", "revoke", "remove", "converge")
+
+
 @app.command()
 def agents(
-    action: Annotated[str | None, typer.Argument(help="converge (or approve, with keys)")] = None,
+    action: Annotated[
+        str | None, typer.Argument(help="approve, reject, revoke, remove or converge")
+    ] = None,
     host: Annotated[str | None, typer.Argument(help="The host to act on.")] = None,
     as_json: Json = False,
 ) -> None:
-    """Hosts, labels, liveness, key state; `agents converge HOST` replaces unknown versions."""
-    if action == "converge" and host:
-        body = ControlRequest(action="converge", host_id=host)
+    """Hosts, labels, liveness, key state; `agents approve|reject|revoke|remove HOST` act on
+    a host's key; `agents converge HOST` replaces versions lockstep never deployed."""
+    if action is None:
+        _query("agents", as_json, render.agents)
+    if action not in AGENT_ACTIONS or not host:
+        fail(EXIT_BAD_INPUT, "user", f"unknown action {action!r} or missing HOST (agents "
+             f"{'|'.join(AGENT_ACTIONS)} HOST)", "action", as_json=as_json)  # fmt: skip
+    try:
+        body = validate(ControlRequest, {"action": action, "host_id": host}, "")
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, "HOST", as_json=as_json)
+    key = "converge" if action == "converge" else "agents"
 
-        async def go(broker: Broker) -> int:
-            emit(await ask(broker, "converge", body), as_json, lambda d: f"{host}: will converge")
-            return EXIT_OK
+    async def go(broker: Broker) -> int:
+        emit(await ask(broker, key, body), as_json, render.agent_action)
+        return EXIT_OK
 
-        call(go, as_json=as_json)
-    if action is not None:
-        fail(EXIT_BAD_INPUT, "user", f"unknown action {action!r} (or missing HOST); "
-             "`approve` arrives with agent keys", "action", as_json=as_json)  # fmt: skip
-    _query("agents", as_json, render.agents)
+    call(go, as_json=as_json)
 
 
 @app.command()

@@ -90,8 +90,20 @@ def agents(doc: dict[str, Any]) -> str:
         labels = ",".join(f"{k}={v}" for k, v in sorted(a["labels"].items()))
         running = ", ".join(f"{s['service']} {s['version']}" for s in a["services"]) or "-"
         seen = _ago(a["last_seen"])
-        lines.append(f"{a['host_id']:<12} {a['state']:<6} {labels:<24} seen {seen}  {running}")
+        key = a.get("key_state") or "-"
+        lines.append(
+            f"{a['host_id']:<12} {a['state']:<6} key {key:<8} {labels:<24} seen {seen}  {running}"
+        )
     return "\n".join(lines) or "no agents"
+
+
+def agent_action(doc: dict[str, Any]) -> str:
+    """The answer to `agents approve|reject|revoke|remove|converge HOST`."""
+    if "overwrite" in doc:
+        return f"{doc['host_id']}: will converge"
+    if doc.get("key_state") is None:
+        return f"{doc['host_id']}: removed (it may enroll again, with a new key)"
+    return f"{doc['host_id']}: key {doc.get('fingerprint')} {doc['key_state']}"
 
 
 def event(doc: dict[str, Any]) -> str:

@@ -14,9 +14,9 @@ from agent.main import run
 from agent.service import DB_NAME
 from agent.store import Store
 from shared.errors import UserError
-from shared.messages import AgentHello, HealthChange, Prepare, Vote, encode, make
+from shared.messages import AgentHello, HealthChange, Prepare, Vote, encode
 from shared.specs import Hooks
-from tests.agent.conftest import HOST, Coordinator, Fleet
+from tests.agent.conftest import HOST, Coordinator, Fleet, command
 from tests.agent.helpers import answered, demo_version, eventually
 from tests.agent.test_agent import _deploy
 from tests.support.artifacts import free_port
@@ -55,7 +55,9 @@ async def test_commands_received_before_a_crash_are_resumed(
     coordinator: Coordinator, fleet: Fleet, tmp_path: Path
 ) -> None:
     v1 = demo_version(tmp_path / "artifacts", "1.0.0")
-    envelope = make(Prepare(deployment_id="d1", spec=v1, from_version=None), "coordinator")
+    signer = coordinator.broker.signer
+    assert signer is not None
+    envelope = signer.sign(command(Prepare(deployment_id="d1", spec=v1, from_version=None)))
     store = await Store.open(fleet.state_dir / DB_NAME)
     await store.add_command(envelope.id, "d1", "demo", "prepare", encode(envelope).decode())
     await store.close()

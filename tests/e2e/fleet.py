@@ -44,10 +44,14 @@ class Host:
 
 
 class Fleet:
-    def __init__(self, root: Path, env: dict[str, str], procs: Procs) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str], procs: Procs, *, auto_approve: bool = True
+    ) -> None:
         self.root = root
         self.env = env
         self.procs = procs
+        self.auto_approve = auto_approve
+        self.key_dir = Path(env["LOCKSTEP_COORDINATOR_KEY"]).parent
         self.hosts: dict[str, Host] = {}
         self._ports: set[int] = set()
         self.coordinator: subprocess.Popen[bytes] | None = None
@@ -59,11 +63,11 @@ class Fleet:
     def start_coordinator(self, fault: str | None = None) -> None:
         """Start the coordinator; with `fault`, it kills itself at that protocol point."""
         env = dict(self.env, LOCKSTEP_FAULT_POINT=fault) if fault else self.env
-        self.coordinator = self.procs.start(
-            [LOCKSTEP, "coordinator", "--db", str(self.root / "coordinator.db")],
-            env=env,
-            log=self.root / "coordinator.log",
-        )
+        args = [LOCKSTEP, "coordinator", "--db", str(self.root / "coordinator.db"),
+                "--key-dir", str(self.key_dir)]  # fmt: skip
+        if self.auto_approve:
+            args.append("--auto-approve")
+        self.coordinator = self.procs.start(args, env=env, log=self.root / "coordinator.log")
         wait_until(lambda: self.cli("status", "--json").code == 0, 20, "the coordinator to answer")
 
     def kill_coordinator(self) -> None:
