@@ -7,12 +7,21 @@ command carries the whole `ServiceVersion` so the agent needs no catalog of its 
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shared.durations import Duration
 from shared.errors import UserError
@@ -24,6 +33,9 @@ HOST = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 """A host id (an agent's identity and part of its queue and broker-user names)."""
 VERSION = r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,63}$"
 """A version as text: also a directory name on every host (and semver on top)."""
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+MAX_TOML_BYTES = 1 << 20
+"""The largest TOML file `read_toml` reads (1 MiB): a spec is a page, not a data set."""
 
 
 class _Strict(BaseModel):
@@ -62,7 +74,7 @@ class ServiceVersion(_Strict):
     name: str = Field(pattern=NAME)
     version: str
     artifact: str
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", validate_default=True)
     requires: dict[str, str] = Field(default_factory=dict)
     hosts: dict[str, str] = Field(default_factory=dict)
     run: str
@@ -90,10 +102,19 @@ class ServiceVersion(_Strict):
             raise ValueError("must be a file://, http:// or https:// URL")
         return value
 
+    @field_validator("sha256")
+    @classmethod
+    def _archive_digest(cls, value: str | None, info: ValidationInfo) -> str | None:
+        artifact = info.data.get("artifact")  # absent when the artifact itself is invalid
+        if value is None and artifact is not None and not is_local_directory(artifact):
+            raise ValueError(
+                "required for every artifact except a local directory "
+                "(a file:// URL not ending in .tar.gz or .tgz)"
+            )
+        return value
+
     @model_validator(mode="after")
-    def _archive_digest(self) -> ServiceVersion:
-        if self.artifact.endswith((".tar.gz", ".tgz")) and not self.sha256:
-            raise ValueError("sha256 is required for an archive artifact")
+    def _not_self(self) -> ServiceVersion:
         if self.name in self.requires:
             raise ValueError("a service cannot require itself")
         return self
@@ -101,6 +122,15 @@ class ServiceVersion(_Strict):
     @property
     def key(self) -> tuple[str, str]:
         return (self.name, self.version)
+
+
+def is_local_directory(artifact: str) -> bool:
+    """Whether `artifact` names a directory on the agent's disk, judged by the URL alone.
+
+    The coordinator validates specs without the agent's filesystem: a `file://` URL is
+    a directory unless it names an archive; every http(s) artifact is a download.
+    """
+    return artifact.startswith("file://") and not artifact.endswith(ARCHIVE_SUFFIXES)
 
 
 Percent = str | int
@@ -174,12 +204,25 @@ def validate(model: type[BaseModel], data: Any, where: str = "") -> Any:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The TOML document at `path`, or `UserError` naming the file and the reason."""
+    """The TOML document at `path`, or `UserError` naming the file and the reason.
+
+    The size is checked before a byte is read, and the read itself is bounded too (a
+    pipe or device reports no size).
+    """
     try:
-        return tomllib.loads(path.read_text())
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = b"" if size > MAX_TOML_BYTES else f.read(MAX_TOML_BYTES + 1)
     except FileNotFoundError as e:
         raise UserError(str(path), "no such file") from e
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+    except OSError as e:
+        raise UserError(str(path), f"cannot read: {e.strerror or e}") from e
+    size = max(size, len(data))
+    if size > MAX_TOML_BYTES:
+        raise UserError(str(path), f"file is {size} bytes; the limit is {MAX_TOML_BYTES}")
+    try:
+        return tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(str(path), f"not valid TOML: {e}") from e
 
 
