@@ -1,11 +1,14 @@
-"""Variables in run, env, health and hooks (pure)."""
+"""Variables in run, env, health and hooks: expansion (pure), and shell quoting proved
+by running the rendered commands through the real shell."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
+from agent import health, hooks
 from agent.interpolate import InterpolationError, expand, render, variables
 from shared.specs import ServiceVersion
 
@@ -62,3 +65,68 @@ def test_render_refuses_unknown_label_in_health() -> None:
     spec = _spec(health={"tcp": "127.0.0.1:${meta.other_port}"})
     with pytest.raises(InterpolationError, match=r"health\.tcp.*\$\{meta\.other_port\}"):
         render(spec, VALUES)
+
+
+HOSTILE = 'x; touch {sentinel} && echo $(touch {sentinel}) `touch {sentinel}` it\'s\n"q"'
+
+
+def _hostile_values(sentinel: Path) -> dict[str, str]:
+    labels = {"evil": HOSTILE.format(sentinel=sentinel), "orders_port": "8081"}
+    return variables("h1", labels, "orders", "2.1.0", Path("/s/releases/2.1.0"))
+
+
+def test_render_quotes_values_in_shell_fields_and_leaves_env_and_urls_raw() -> None:
+    values = variables("h1", {"v": "a b; c"}, "orders", "2.1.0", Path("/s/my releases/2.1.0"))
+    spec = _spec(
+        run="serve --label ${meta.v} --dir ${release_dir}",
+        env={"LABEL": "${meta.v}", "DIR": "${release_dir}"},
+        health={"http": "http://h/${meta.v}", "tcp": "${meta.v}:1", "exec": "check ${meta.v}"},
+        hooks={key: "echo ${meta.v}" for key in ("before_start", "after_start", "before_rollback")},
+    )
+    rendered = render(spec, values)
+    assert rendered.run == "serve --label 'a b; c' --dir '/s/my releases/2.1.0'"
+    assert rendered.health.exec == "check 'a b; c'"
+    assert rendered.hooks.before_start == "echo 'a b; c'"
+    assert rendered.hooks.after_start == "echo 'a b; c'"
+    assert rendered.hooks.before_rollback == "echo 'a b; c'"
+    assert rendered.env == {"LABEL": "a b; c", "DIR": "/s/my releases/2.1.0"}
+    assert rendered.health.http == "http://h/a b; c"
+    assert rendered.health.tcp == "a b; c:1"
+
+
+def test_plain_values_are_not_decorated_with_quotes() -> None:
+    rendered = render(_spec(), VALUES)
+    assert rendered.run == "python server.py --host h1"  # safe characters stay bare
+    assert rendered.hooks.before_start == "echo 2.1.0 > /s/releases/2.1.0/marker"
+
+
+async def test_a_hostile_label_in_a_hook_runs_no_command_and_arrives_as_one_argument(
+    tmp_path: Path,
+) -> None:
+    sentinel = tmp_path / f"pwned-{uuid.uuid4().hex}"
+    values = _hostile_values(sentinel)
+    spec = _spec(hooks={"before_start": "printf '[%s]\\n' ${meta.evil} ${host_id} > args.txt"})
+    command = render(spec, values).hooks.before_start
+    assert command is not None
+    outcome = await hooks.run(command, tmp_path, {}, tmp_path / "hook.log", 10)
+    assert outcome.code == 0, outcome.stderr_tail
+    assert not sentinel.exists()
+    assert (tmp_path / "args.txt").read_text() == f"[{values['meta.evil']}]\n[h1]\n"
+
+
+async def test_a_hostile_label_in_the_run_command_and_exec_check_runs_no_command(
+    tmp_path: Path,
+) -> None:
+    sentinel = tmp_path / f"pwned-{uuid.uuid4().hex}"
+    values = _hostile_values(sentinel)
+    spec = _spec(
+        run="printf '%s' ${meta.evil} > run-args.txt",
+        health={"exec": "test ${meta.evil} = ${meta.evil}"},
+    )
+    rendered = render(spec, values)
+    outcome = await hooks.run(rendered.run, tmp_path, {}, tmp_path / "run.log", 10)
+    assert outcome.code == 0, outcome.stderr_tail
+    assert rendered.health.exec is not None
+    assert await health.check_exec(rendered.health.exec, 10, tmp_path, {}) is None
+    assert not sentinel.exists()
+    assert (tmp_path / "run-args.txt").read_text() == values["meta.evil"]
