@@ -91,7 +91,10 @@ class Steps:
         staged = self.releases.staging_dir(spec.name, deployment_id)
         scratch = self.releases.download_path(spec.name, deployment_id)
         staged.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(artifacts.fetch, spec.artifact, spec.sha256, staged, scratch)
+        limits = artifacts.Limits.of(self.settings)
+        await asyncio.to_thread(
+            artifacts.fetch, spec.artifact, spec.sha256, staged, scratch, limits
+        )
         self.releases.mark(staged, spec)
         return str(staged)
 

@@ -83,3 +83,9 @@ class AgentSettings(BaseSettings):
     """Unexpected exits within `crash_loop_window` that make a crash loop."""
     crash_loop_window: Duration = 60.0
     """The window in which `crash_loop_exits` exits count as a crash loop."""
+    artifact_max_bytes: int = Field(default=2 << 30, ge=1)
+    """Cap of an artifact's download and, separately, of its unpacked files (2 GiB)."""
+    artifact_max_members: int = Field(default=100_000, ge=1)
+    """Cap of the files, dirs and links in an artifact archive."""
+    download_timeout: Duration = 300.0
+    """Overall deadline of one artifact download (not a per-read timeout)."""

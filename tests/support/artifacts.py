@@ -4,6 +4,8 @@
 `service.env` with any FAIL_* settings into <root>/<name>-<version>.tar.gz and returns
 its path and sha256. `service_toml` writes the matching service version file (SPEC
 3.1) with fast health settings, so tests and the demo register the same thing.
+`pack` and `member` build hostile archives for the unpacking tests, and
+`escaping_symlink_chain` the CVE-2025-4517 kind: links whose every hop looks inside.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shlex
 import socket
 import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 SERVICE_SOURCE = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "service.py"
@@ -101,3 +104,51 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def member(
+    name: str, kind: bytes = tarfile.REGTYPE, link: str = "", data: bytes = b""
+) -> tuple[tarfile.TarInfo, bytes]:
+    """One archive member: a file holding `data`, or a link/dir/device of type `kind`."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
+def pack(path: Path, members: Iterable[tuple[tarfile.TarInfo, bytes]]) -> str:
+    """Write `members` (in order) as the .tar.gz `path`; its sha256 hex digest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def escaping_symlink_chain(
+    steps: int = 16, width: int = 247, payload: str = "escaped/pwned"
+) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """Members whose names all look inside but that write `payload` outside (CVE-2025-4517).
+
+    Each of `steps` short links ("a", "a/b", ...) points at a `width`-character dir
+    beside it, so "a/b/.../p" is a few dozen characters while the real path is
+    steps x width (past PATH_MAX by default, where `os.path.realpath` stops following
+    links). A link at the bottom climbs back `steps` levels to the top; "escape" goes
+    one level further, and `payload` is written through it.
+    """
+    long_dir = "d" * width
+    names = [chr(ord("a") + i) for i in range(steps)]
+    found: list[tuple[tarfile.TarInfo, bytes]] = []
+    for depth, name in enumerate(names):
+        here = "/".join(names[:depth])
+        found.append(member(f"{here}/{long_dir}".lstrip("/"), tarfile.DIRTYPE))
+        found.append(member(f"{here}/{name}".lstrip("/"), tarfile.SYMTYPE, long_dir))
+    bottom = "/".join([*names, "l" * 254])
+    found.append(member(bottom, tarfile.SYMTYPE, "/".join([".."] * steps)))
+    found.append(member("escape", tarfile.SYMTYPE, f"{bottom}/.."))
+    first, rest = payload.split("/", 1)
+    found.append(member(f"escape/{first}", tarfile.DIRTYPE))
+    found.append(member(f"escape/{first}/{rest}", data=b"pwned\n"))
+    return found
