@@ -334,8 +334,17 @@ def deploy(
 
 
 def start_fleet(demo: Demo) -> bool:
-    title("Starting a coordinator and three agents")
-    demo.start("coordinator", "coordinator", "--db", str(DEMO / "coordinator.db"))
+    title("Making the coordinator's signing key, starting a coordinator and three agents")
+    code, out = demo.cli("keys", "init", "--dir", str(DEMO / "keys"))
+    say(f"  $ lockstep keys init --dir {DEMO / 'keys'}")
+    say(indent(out.strip(), "  "))
+    if not demo.check("the coordinator's key pair was written", code == 0):
+        return False
+    say("  Every command is signed with it; agents trust only this key (--coordinator-key).")
+    say("  The demo starts the coordinator with --auto-approve: every new agent key is trusted")
+    say("  at once. In production leave it off and run `lockstep agents approve HOST`.")
+    demo.start("coordinator", "coordinator", "--db", str(DEMO / "coordinator.db"),
+               "--key-dir", str(DEMO / "keys"), "--auto-approve")  # fmt: skip
     # Agents start once the coordinator answers, as an operator would start them.
     if not demo.check(
         "the coordinator answers (lockstep agents)",
@@ -343,7 +352,8 @@ def start_fleet(demo: Demo) -> bool:
     ):
         return False
     for host, labels in HOSTS.items():
-        args = ["agent", "--host-id", host, "--state-dir", str(DEMO / host)]
+        args = ["agent", "--host-id", host, "--state-dir", str(DEMO / host),
+                "--coordinator-key", str(DEMO / "keys" / "coordinator.pub")]  # fmt: skip
         ports = {f"{svc}_port": str(demo.ports[host, svc]) for svc in SERVICES}
         for key, value in {**labels, **ports}.items():
             args += ["--label", f"{key}={value}"]
@@ -353,10 +363,13 @@ def start_fleet(demo: Demo) -> bool:
 
     def all_alive() -> bool:
         _, doc = demo.json("agents", timeout=20)
-        alive = {a["host_id"] for a in doc.get("agents", []) if a["state"] == "alive"}
+        alive = {a["host_id"] for a in doc.get("agents", [])
+                 if a["state"] == "alive" and a["key_state"] == "approved"}  # fmt: skip
         return alive >= set(HOSTS)
 
-    return demo.check("all three agents report alive (lockstep agents)", wait_for(all_alive, 30))
+    return demo.check(
+        "all three agents report alive, keys approved (lockstep agents)", wait_for(all_alive, 30)
+    )
 
 
 def story(demo: Demo) -> bool:
@@ -436,6 +449,9 @@ def prepare() -> Demo:
         LOCKSTEP_AMQP_URL=BROKER + vhost,
         LOCKSTEP_HEARTBEAT_INTERVAL="0.5",
         LOCKSTEP_LOG_LEVEL="info",
+        # One broker user (guest) for everyone, so the coordinator cannot tell agents
+        # apart by user; a real fleet gives each agent its own (`lockstep broker add-agent`).
+        LOCKSTEP_AGENT_USERS="shared",
         PYTHONUNBUFFERED="1",
     )
     ports: dict[tuple[str, str], int] = {}
