@@ -90,6 +90,9 @@ class Voted:
     key: Key
     yes: bool
     reason: str = ""
+    version: str | None = None
+    """The version the vote is for; a vote for another version than the participant's
+    is not a vote on this deployment (None: not stated, as in older tables)."""
 
 
 @dataclass(frozen=True)

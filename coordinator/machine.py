@@ -159,6 +159,8 @@ def _voted(d: Deployment, e: Voted) -> tuple[Deployment, list[Action]]:
     p = d.participants.get(e.key)
     if d.phase != "preparing" or p is None or p.phase != "preparing":
         return d, []
+    if e.version is not None and e.version != p.version:
+        return d, []
     if not e.yes:
         d = d.with_participant(e.key, phase="refused", reason=e.reason)
         return _abort(d, f"{p.host} voted NO for {p.service} {p.version}: {e.reason}")

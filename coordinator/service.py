@@ -153,19 +153,11 @@ class Coordinator:
             case AgentHello() | Heartbeat():
                 await self._agent_report(body, delivery.envelope.sent_at.timestamp())
             case Vote():
-                await self.drive(
-                    body.deployment_id,
-                    machine.Voted((body.host_id, body.service), body.yes, body.reason),
-                )
+                key = (body.host_id, body.service)
+                vote = machine.Voted(key, body.yes, body.reason, body.version)
+                await self.drive(body.deployment_id, vote)
             case StepResult():
-                await self.store.agent_service(
-                    body.host_id, body.service, body.running,
-                    "healthy" if body.ok else "unhealthy", delivery.envelope.sent_at.timestamp(),
-                )  # fmt: skip
-                event = machine.StepDone(
-                    (body.host_id, body.service), body.step, body.ok, body.reason
-                )
-                await self.drive(body.deployment_id, event)
+                await self._step_result(body, delivery.envelope.sent_at.timestamp())
             case HealthChange() | CrashLoop():
                 await self._host_failure(body)
             case Alert():
@@ -173,6 +165,18 @@ class Coordinator:
             case _:
                 raise ProtocolError(f"kind: {delivery.envelope.kind} is not for the coordinator")
         return None
+
+    async def _step_result(self, body: StepResult, sent_at: float) -> None:
+        """What runs after a step, recorded; then the step drives its deployment. A result
+        about a pair that is not a participant changes nothing (SPEC 7)."""
+        if not await self._takes_part(body.deployment_id, body.host_id, body.service):
+            self._log.warning("report.unrelated", kind=body.KIND, host_id=body.host_id,
+                              deployment_id=body.deployment_id, service=body.service)  # fmt: skip
+            return
+        health = "healthy" if body.ok else "unhealthy"
+        await self.store.agent_service(body.host_id, body.service, body.running, health, sent_at)
+        event = machine.StepDone((body.host_id, body.service), body.step, body.ok, body.reason)
+        await self.drive(body.deployment_id, event)
 
     async def _agent_report(self, body: AgentHello | Heartbeat, sent_at: float) -> None:
         services = [s.model_dump() for s in body.services]
@@ -275,7 +279,21 @@ class Coordinator:
 
     # --- automatic rollback triggers (SPEC 6.2) ------------------------------------------
 
+    async def _takes_part(self, deployment_id: str, host: str, service: str) -> bool:
+        """Whether (host, service) is a participant of the deployment: a report about any
+        other changes nothing (SPEC 7)."""
+        row = await self.store.deployment(deployment_id)
+        return row is not None and any(
+            (p["host"], p["service"]) == (host, service) for p in row["machine"]["participants"]
+        )
+
     async def _host_failure(self, body: HealthChange | CrashLoop) -> None:
+        agents = await self.store.agents()
+        runs = {(a["host_id"], s["service"]) for a in agents for s in a["services"]}
+        if (body.host_id, body.service) not in runs:
+            self._log.warning("report.unrelated", kind=body.KIND, host_id=body.host_id,
+                              service=body.service)  # fmt: skip
+            return  # a service the host does not run: changes nothing
         await self.store.add_events(None, [(body.KIND, body.model_dump())])
         if isinstance(body, HealthChange) and body.health != "unhealthy":
             return

@@ -1009,3 +1009,13 @@ def test_agent_in_doubt_is_told_to_commit_only_what_it_was_sent_and_never_an_aba
 
 def test_agent_in_doubt_about_an_unknown_deployment_is_told_to_abort() -> None:
     assert on_inquiry(None, key("h1")) == "abort"
+
+
+def test_a_vote_for_another_version_than_the_participants_changes_nothing() -> None:
+    """Issue 8: a report about a version the host was not asked to prepare is no vote."""
+    d, _ = feed(make("h1 h2"), "started")
+    for vote in (Voted(key("h1"), True, "", "9.9.9"), Voted(key("h1"), False, "x", "1.0.0")):
+        after, actions = step(d, vote)
+        assert (after, actions) == (d, [])
+    after, _ = step(d, Voted(key("h1"), True, "", "2.0.0"))
+    assert after.participants[key("h1")].phase == "prepared"
