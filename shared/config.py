@@ -31,6 +31,12 @@ class BrokerSettings(BaseSettings):
     """How long a publish keeps re-sending through a broker outage before failing."""
     max_message_bytes: int = Field(default=1 << 20, ge=1024)
     """Deliveries larger than this are dead-lettered before they are parsed."""
+    tls_ca: str | None = None
+    """`amqps://` only: PEM CA bundle that verifies the broker (default: the system store)."""
+    tls_cert: str | None = None
+    """`amqps://` only: PEM client certificate (chain) presented to the broker; optional."""
+    tls_key: str | None = None
+    """`amqps://` only: the client certificate's PEM private key (default: in `tls_cert`)."""
 
 
 class SecuritySettings(BaseSettings):

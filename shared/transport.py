@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -46,6 +47,7 @@ from shared.errors import (
     CoordinatorTimeout,
     ProtocolError,
     TransientError,
+    UserError,
 )
 from shared.messages import Body, Envelope, Reply, decode, decode_alert, encode, make
 from shared.signing import Signer
@@ -106,10 +108,16 @@ class Broker:
         self._reply_queue: AbstractQueue | None = None
 
     async def connect(self) -> None:
-        """Connect (robustly: aio-pika reconnects and restores consumers)."""
+        """Connect (robustly: aio-pika reconnects and restores consumers).
+
+        An `amqps://` URL connects over TLS, verifying the broker's certificate and
+        host name; bad TLS settings raise `UserError` before any connection is tried.
+        """
+        ssl_context = self._ssl_context()
         try:
             self._connection = await aio_pika.connect_robust(
                 self.settings.amqp_url,
+                ssl_context=ssl_context,
                 timeout=self.settings.connect_timeout,
                 reconnect_interval=self.settings.reconnect_interval,
                 client_properties={"connection_name": self.name},
@@ -119,6 +127,32 @@ class Broker:
             )
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"cannot reach RabbitMQ at {self._safe_url()}: {e!r}") from e
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for an `amqps://` URL (None for `amqp://`).
+
+        Verification is never off: the peer is checked against `tls_ca` (else the
+        system store), host name included; `tls_cert`/`tls_key` add a client certificate.
+        """
+        s = self.settings
+        if urlsplit(s.amqp_url).scheme.lower() != "amqps":
+            if s.tls_ca or s.tls_cert or s.tls_key:
+                raise UserError("LOCKSTEP_AMQP_URL", "TLS settings are set: use amqps://")
+            return None
+        if s.tls_key and not s.tls_cert:
+            raise UserError("LOCKSTEP_TLS_KEY", "set without LOCKSTEP_TLS_CERT")
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=s.tls_ca)
+        except OSError as e:  # ssl.SSLError included
+            raise UserError("LOCKSTEP_TLS_CA", f"cannot load {s.tls_ca}: {e}") from e
+        if s.tls_cert:
+            try:  # an empty password: an encrypted key fails here instead of prompting
+                context.load_cert_chain(s.tls_cert, s.tls_key, password=b"")
+            except OSError as e:
+                where = "LOCKSTEP_TLS_CERT" + (", LOCKSTEP_TLS_KEY" if s.tls_key else "")
+                reason = f"cannot load {s.tls_cert} (PEM cert, unencrypted PEM key): {e}"
+                raise UserError(where, reason) from e
+        return context
 
     def _safe_url(self) -> str:
         url = self.settings.amqp_url
