@@ -56,6 +56,14 @@ from shared.tasks import TaskGroup
 _BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, asyncio.TimeoutError)
 
 
+def _user_of(url: str) -> str | None:
+    """The user a connection to `url` logs in as (aio-pika's default login is guest)."""
+    parts = urlsplit(url)
+    if "auth=external" in parts.query.lower():
+        return None
+    return unquote(parts.username or "") or "guest"
+
+
 class Unroutable(TransientError):
     """A mandatory message had no queue to go to (e.g. an agent that never registered)."""
 
@@ -94,8 +102,9 @@ class Broker:
         self.settings = settings
         self.name = name
         self.signer = signer
-        self.user = unquote(urlsplit(settings.amqp_url).username or "") or "guest"
-        """The broker user this process connects as (aio-pika's default is guest)."""
+        self.user = _user_of(settings.amqp_url)
+        """The broker user this process connects as, stamped on what it publishes (None
+        with EXTERNAL auth: the broker alone knows the certificate's user)."""
         self._dead_letter_via = dead_letter_via
         self._log = log.get("transport", connection=name)
         self._connection: AbstractRobustConnection | None = None

@@ -51,6 +51,8 @@ class Fleet:
         self.env = env
         self.procs = procs
         self.auto_approve = auto_approve
+        self.coordinator_args: tuple[str, ...] = ()
+        """Extra `lockstep coordinator` flags (e.g. `--operators alice`)."""
         self.key_dir = Path(env["LOCKSTEP_COORDINATOR_KEY"]).parent
         self.hosts: dict[str, Host] = {}
         self._ports: set[int] = set()
@@ -67,6 +69,7 @@ class Fleet:
                 "--key-dir", str(self.key_dir)]  # fmt: skip
         if self.auto_approve:
             args.append("--auto-approve")
+        args += self.coordinator_args
         self.coordinator = self.procs.start(args, env=env, log=self.root / "coordinator.log")
         wait_until(lambda: self.cli("status", "--json").code == 0, 20, "the coordinator to answer")
 

@@ -95,6 +95,11 @@ def test_agent_stopped_in_prepare_aborts_without_allowance_and_with_allowance_co
 ) -> None:
     fleet = six
     ok(fleet.deploy("orders=1.0.0").code, "baseline")
+    # A stopped agent must still count as alive when the deploy is planned, however long
+    # the CLI takes to start on a busy machine: lost only after 20 missed heartbeats.
+    fleet.kill_coordinator()
+    fleet.env = {**fleet.env, "LOCKSTEP_LOST_AFTER_MISSED": "20"}
+    fleet.start_coordinator()
 
     fleet.signal_agent("host-6", signal.SIGSTOP)
     refused = fleet.deploy("orders=2.1.0", flags=("--prepare-timeout", "2s"))
