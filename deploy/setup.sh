@@ -55,3 +55,34 @@ if ! timeout 60 rabbitmqctl -q status >/dev/null 2>&1; then
         exit 1
     fi
 fi
+
+# The management plugin: `lockstep broker setup|add-agent` use its HTTP API (port 15672).
+# Enabling an enabled plugin changes nothing; skipped when the API already answers.
+management_answers() {
+    .venv/bin/python - <<'PY' 2>/dev/null
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen("http://127.0.0.1:15672/api/overview", timeout=5)
+except urllib.error.HTTPError:
+    pass  # 401 without credentials: the API is up
+except OSError:
+    sys.exit(1)
+PY
+}
+if ! management_answers; then
+    echo "setup: enabling the RabbitMQ management plugin (rabbitmq-plugins enable rabbitmq_management)" >&2
+    if ! timeout 120 rabbitmq-plugins -q enable rabbitmq_management >/dev/null; then
+        echo "error: rabbitmq-plugins enable rabbitmq_management failed" >&2
+        exit 1
+    fi
+    for _ in $(seq 1 60); do
+        if management_answers; then
+            break
+        fi
+        sleep 1
+    done
+    if ! management_answers; then
+        echo "error: the management API (http://127.0.0.1:15672/api/overview) did not answer within 60 s" >&2
+        exit 1
+    fi
+fi

@@ -20,6 +20,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.cli import render
+from coordinator.cli.broker import broker_app
 from coordinator.cli.client import (
     EXIT_BAD_INPUT,
     EXIT_NOT_REACHED,
@@ -110,6 +111,7 @@ def _coordinator_key(key_dir: Path) -> Ed25519PrivateKey:
 
 keys_app = typer.Typer(no_args_is_help=True, help="The coordinator's signing keys.")
 app.add_typer(keys_app, name="keys")
+app.add_typer(broker_app, name="broker")
 
 
 @keys_app.command("init")
