@@ -145,7 +145,8 @@ class Permissions:
     read: str
 
 
-_REPLY_QUEUES = r"amq\.gen-.*"
+_REPLY_QUEUES = r"(amq\.gen-.*|amq_[0-9a-f]{32})"
+"""Server-named queues, and the ones aio-pika's robust channels name themselves."""
 
 
 def permissions(user: str) -> Permissions:

@@ -145,13 +145,6 @@ class RoleFleet(Fleet):
         return states.get(host_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="topology.permissions(OPERATOR_USER) allows reply queues amq.gen-*, but aio-pika "
-    "names them amq_<32 hex> on the client, so the operator's CLI is refused its reply queue; "
-    "shared/topology.py _REPLY_QUEUES needs |amq_[0-9a-f]{32} (remove this mark then)",
-)
 def test_after_broker_setup_and_add_agent_on_a_fresh_vhost_an_agent_deploys_with_its_own_user(
     urls: dict[str, str], tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]
 ) -> None:
