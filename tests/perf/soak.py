@@ -7,7 +7,9 @@ for the other of two good releases (now and then a bad one, whose health check f
 and is compensated) and, with probability --fault-rate, injects one fault from the
 fault suite: coordinator or agent SIGKILL at a named protocol point, an agent SIGSTOP
 longer than the prepare timeout, a broker restart or all connections closed mid-flight,
-or a command and a report delivered twice. After every round it checks the invariants
+or a command and a report delivered twice (real ones, captured from the round's own
+traffic by a tap queue and replayed as they are: signed messages cannot be forged).
+After every round it checks the invariants
 against each service's /version and the coordinator, then prints
 
     deployments N, faults F, invariant violations V, lost requests L, duplicate effects D
@@ -29,9 +31,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from shared import topology
-from shared.messages import Prepare, Vote, encode, make
-from shared.specs import load_service_version
+import aio_pika
+
+from shared import signing, topology
+from shared.messages import decode
 from tests.e2e.fleet import Fleet
 from tests.e2e.test_core import PAY, PLACES, WEB
 from tests.support.procs import Procs, wait_until
@@ -53,6 +56,7 @@ class Soak:
         self.current = GOOD[0]
         self.deployments = self.faults = self.violations = self.lost = self.duplicates = 0
         self.last_id = ""
+        self.tapped: list[tuple[str, bytes]] = []
 
     def setup(self) -> None:
         f = self.fleet
@@ -129,17 +133,22 @@ class Soak:
             rabbitmqctl("await_startup")
         elif fault == "broker.close_connections":
             rabbitmqctl("close_all_connections", "soak")
-        elif fault == "duplicate.command" and deployment_id:
-            spec = load_service_version(f.specs / f"payments-{target['payments']}.toml")
-            body = make(Prepare(deployment_id=deployment_id, spec=spec,
-                                from_version=self.current["payments"]), "coordinator")  # fmt: skip
-            asyncio.run(publish_raw(self.amqp_url, topology.COMMANDS, topology.host_key("host-a"),
-                                 [encode(body)] * 2))  # fmt: skip
-        elif fault == "duplicate.report" and deployment_id:
-            body = make(Vote(deployment_id=deployment_id, host_id="host-a", service="payments",
-                             version=target["payments"], yes=True), "agent:host-a")  # fmt: skip
-            asyncio.run(publish_raw(self.amqp_url, topology.REPORTS, topology.REPORTS_KEY,
-                                 [encode(body)] * 2))  # fmt: skip
+        elif fault in ("duplicate.command", "duplicate.report") and deployment_id:
+            exchange, key = (
+                (topology.COMMANDS, topology.host_key("host-a"))
+                if fault == "duplicate.command"
+                else (topology.REPORTS, topology.REPORTS_KEY)
+            )
+            captured = wait_until(lambda: self._captured(exchange, deployment_id), 30,
+                                  f"a {fault} of {deployment_id} to replay")  # fmt: skip
+            asyncio.run(publish_raw(self.amqp_url, exchange, key, captured[:1] * 2))
+
+    def _captured(self, exchange: str, deployment_id: str) -> list[bytes]:
+        """The messages of `deployment_id` the tap saw on `exchange`, as they were sent."""
+        self.tapped.extend(asyncio.run(_drain(self.amqp_url)))
+        return [body for seen, body in self.tapped
+                if seen == exchange and getattr(decode(body).body, "deployment_id", "")
+                == deployment_id]  # fmt: skip
 
     def _revive(self) -> None:
         """Start again every agent a fault killed (SIGKILL at a named point)."""
@@ -189,11 +198,38 @@ class Soak:
         return 0
 
     def _duplicates(self, deployment_id: str) -> int:
+        """Switches made twice for one step of `deployment_id` (a commit onto the version
+        already running counts too)."""
         counts = Counter(
             (h, s["service"], s["kind"]) for h in self.fleet.hosts for s in self.fleet.switches(h)
-            if s["deployment_id"] == deployment_id and s["from_version"] != s["to_version"]
+            if s["deployment_id"] == deployment_id
         )  # fmt: skip
         return sum(n - 1 for n in counts.values() if n > 1)
+
+
+TAP = "soak.tap"
+
+
+async def _tap(amqp_url: str) -> None:
+    """A queue of the soak's own that sees host-a's commands and every report."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(TAP, durable=True)
+        await queue.bind(topology.COMMANDS, topology.host_key("host-a"))
+        await queue.bind(topology.REPORTS, topology.REPORTS_KEY)
+
+
+async def _drain(amqp_url: str) -> list[tuple[str, bytes]]:
+    """What the tap holds now: (exchange, raw body) in the order it was published."""
+    connection = await aio_pika.connect(amqp_url)
+    found: list[tuple[str, bytes]] = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(TAP)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            found.append((message.exchange or "", message.body))
+    return found
 
 
 def main() -> int:
@@ -206,11 +242,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lockstep-soak-") as tmp, vhost("soak") as amqp_url:
         root = Path(tmp)
         procs = Procs(root)
+        signing.write_pair(root / "keys", "coordinator", signing.generate())
         env = dict(os.environ, LOCKSTEP_AMQP_URL=amqp_url, LOCKSTEP_HEARTBEAT_INTERVAL="0.5",
-                   PYTHONUNBUFFERED="1")  # fmt: skip
+                   LOCKSTEP_COORDINATOR_KEY=str(root / "keys" / signing.COORDINATOR_PUB),
+                   LOCKSTEP_AGENT_USERS="shared", PYTHONUNBUFFERED="1")  # fmt: skip
         try:
             fleet = Fleet(root, env, procs)
             fleet.start_coordinator()
+            asyncio.run(_tap(amqp_url))
             soak = Soak(fleet, amqp_url, random.Random(args.seed))
             soak.setup()
             for index in range(args.deployments):
