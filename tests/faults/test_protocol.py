@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
-import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
+import aio_pika
 import pytest
 
 from shared import topology
-from shared.messages import Commit, Prepare, StepResult, Vote, encode, make
-from shared.specs import load_service_version
 from tests.e2e.fleet import Fleet
 from tests.e2e.test_core import PAY, WEB
 from tests.faults.invariants import check, settled
 from tests.support.procs import wait_until
 from tests.support.rabbit import publish_raw, rabbitmqctl
 from tests.support.slowserver import slow_files
+from tests.support.tap import doc, tap, wait_for
 
 pytestmark = pytest.mark.fault
 
@@ -162,59 +163,121 @@ def test_broker_restart_or_dropped_connections_during_commit_lose_nothing(
 
 def _holding(fleet: Fleet) -> str:
     """v2 started with a canary hold; its id once host-a's payments is the committed canary."""
-    deployment_id = start_v2(fleet, "--canary", "1", "--canary-bake", "4s")
+    deployment_id = start_v2(fleet, "--canary", "1", "--canary-bake", "6s")
     wait_until(lambda: fleet.deployment(deployment_id)["state"] == "holding", 30, "the hold")
     return deployment_id
 
 
-def test_command_delivered_twice_has_its_effect_once(three_hosts: Fleet, amqp_url: str) -> None:
-    fleet = three_hosts
-    baseline(fleet)
-    deployment_id = _holding(fleet)
-    pid = fleet.pid("host-a", "payments")
-    spec = load_service_version(fleet.specs / "payments-2.0.0.toml")
-    prepare = make(
-        Prepare(deployment_id=deployment_id, spec=spec, from_version="1.0.0"), "coordinator"
-    )
-    commit = make(
-        Commit(deployment_id=deployment_id, service="payments", version="2.0.0"), "coordinator"
-    )
-    again = make(
-        Commit(deployment_id=deployment_id, service="payments", version="2.0.0"), "coordinator"
-    )
-    marker = make(Commit(deployment_id=uuid.uuid4().hex, service="payments", version="9.9.9"), "t")
-    bodies = [encode(e) for e in (prepare, prepare, commit, commit, again, marker)]
-    asyncio.run(publish_raw(amqp_url, topology.COMMANDS, topology.host_key("host-a"), bodies))
-
-    wait_until(lambda: _handled(fleet, "host-a", marker.id), 30, "host-a to reach the marker")
-    assert fleet.pid("host-a", "payments") == pid, "the canary was not switched or restarted again"
-    row = settled(fleet, deployment_id)
-    assert row["state"] == "completed", row
-    check(fleet, row, V1, V2)
+STEPS = ("prepare", "commit", "abort", "revert")
 
 
-def _handled(fleet: Fleet, host: str, command_id: str) -> bool:
-    """The agent stored this command (it handles its queue in order)."""
-    dbs = sorted(fleet.hosts[host].state_dir.glob("*.db"))
-    with sqlite3.connect(f"file:{dbs[0]}?mode=ro", uri=True) as db:
+def _of(deployment_id: str, *kinds: str) -> Callable[[str, bytes], bool]:
+    """Matches a captured envelope of one of `kinds` about `deployment_id`."""
+
+    def match(_key: str, body: bytes) -> bool:
+        envelope = doc(body)
         return (
-            db.execute("SELECT 1 FROM commands WHERE id = ?", (command_id,)).fetchone() is not None
+            envelope.get("kind") in kinds
+            and envelope.get("body", {}).get("deployment_id") == deployment_id
         )
 
+    return match
 
-def test_report_delivered_twice_has_its_effect_once(three_hosts: Fleet, amqp_url: str) -> None:
+
+def _participant(envelope: dict[str, Any]) -> tuple[str | None, str, str]:
+    """(host or None, kind, service) of a captured command or report."""
+    body = envelope["body"]
+    service = body["spec"]["name"] if envelope["kind"] == "prepare" else body["service"]
+    return envelope.get("to") or body.get("host_id"), envelope["kind"], service
+
+
+async def _dead_letters(
+    amqp_url: str, bodies: list[bytes], count: int, timeout: float = 30
+) -> list[tuple[bytes, str]]:
+    """(body, reason) of every message in lockstep.dead, drained until `count` of them
+    carry one of `bodies` (fewer if the deadline passes first)."""
+    found: list[tuple[bytes, str]] = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        dead = await (await connection.channel()).get_queue(topology.DEAD_QUEUE)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while sum(b in bodies for b, _ in found) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            message = await dead.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)  # poll interval within the deadline
+                continue
+            await message.ack()
+            found.append((message.body, str(message.headers.get(topology.REASON_HEADER))))
+    return found
+
+
+async def test_command_delivered_twice_is_refused_as_replayed_and_has_its_effect_once(
+    three_hosts: Fleet, amqp_url: str
+) -> None:
+    """The coordinator's own signed prepare and commit for host-a, captured on the wire
+    and published again as they are (twice each) while the deployment holds after the
+    canary: the agent refuses each copy as `replayed` before it touches the host."""
     fleet = three_hosts
-    baseline(fleet)
-    deployment_id = _holding(fleet)
-    reports = [
-        make(Vote(deployment_id=deployment_id, host_id="host-a", service="payments",
-                  version="2.0.0", yes=False, reason="late duplicate"), "agent:host-a"),
-        make(StepResult(deployment_id=deployment_id, host_id="host-a", service="payments",
-                        step="commit", ok=False, reason="duplicate", running="2.0.0"), "agent:host-a"),
-    ]  # fmt: skip
-    bodies = [encode(r) for r in reports for _ in range(2)]
-    asyncio.run(publish_raw(amqp_url, topology.REPORTS, topology.REPORTS_KEY, bodies))
+    await asyncio.to_thread(baseline, fleet)
+    async with (
+        tap(amqp_url, topology.COMMANDS, topology.host_key("host-a")) as commands,
+        tap(amqp_url, topology.REPORTS, topology.REPORTS_KEY) as reports,
+    ):
+        deployment_id = await asyncio.to_thread(_holding, fleet)
+        sent = await wait_for(commands, _of(deployment_id, *STEPS), count=2,
+                              what="host-a's prepare and commit")  # fmt: skip
+        originals = [body for _, body in sent]
+        assert [doc(b)["kind"] for b in originals] == ["prepare", "commit"], originals
+        pid = fleet.pid("host-a", "payments")
+        assert (await asyncio.to_thread(fleet.deployment, deployment_id))["state"] == "holding"
 
-    row = settled(fleet, deployment_id)
+        await publish_raw(amqp_url, topology.COMMANDS, topology.host_key("host-a"),
+                          [body for body in originals for _ in range(2)])  # fmt: skip
+        dead = await _dead_letters(amqp_url, originals, 4)
+        replays = [(doc(b)["kind"], reason.split(":")[0]) for b, reason in dead if b in originals]
+        assert replays == [("prepare", "replayed")] * 2 + [("commit", "replayed")] * 2, dead
+        assert fleet.pid("host-a", "payments") == pid, "the canary was switched or restarted again"
+
+        row = await asyncio.to_thread(settled, fleet, deployment_id)
+        answers = [_participant(doc(b)) for _, b in reports if _of(deployment_id, "vote",
+                                                                   "step.result")("", b)]  # fmt: skip
+    assert row["state"] == "completed", row
+    await asyncio.to_thread(check, fleet, row, V1, V2)
+    from_a = Counter(a for a in answers if a[0] == "host-a")
+    assert from_a == {("host-a", "vote", "payments"): 1, ("host-a", "step.result", "payments"): 1}
+
+
+async def test_report_delivered_twice_has_its_effect_once(
+    three_hosts: Fleet, amqp_url: str
+) -> None:
+    """Every report the agents sent up to the canary hold (hellos, heartbeats, votes, the
+    canary's commit result), captured on the wire and published again as they are,
+    twice: the coordinator's state machine takes each effect once. The deployment still
+    completes, each command of it is sent exactly once, and I1-I5 hold."""
+    fleet = three_hosts
+    await asyncio.to_thread(baseline, fleet)
+    async with (
+        tap(amqp_url, topology.COMMANDS) as commands,
+        tap(amqp_url, topology.REPORTS, topology.REPORTS_KEY) as reports,
+    ):
+        deployment_id = await asyncio.to_thread(_holding, fleet)
+        await wait_for(reports, _of(deployment_id, "step.result"), what="the canary's result")
+        captured = [body for _, body in reports]
+        assert len([b for b in captured if _of(deployment_id, "vote")("", b)]) == 4, captured
+
+        await publish_raw(amqp_url, topology.REPORTS, topology.REPORTS_KEY,
+                          [body for body in captured for _ in range(2)])  # fmt: skip
+        # The coordinator handles its queue in order: once it answers a request sent
+        # after the copies, it has handled every one of them.
+        state = (await asyncio.to_thread(fleet.deployment, deployment_id))["state"]
+        assert state in ("holding", "committing", "baking", "completed"), state
+
+        row = await asyncio.to_thread(settled, fleet, deployment_id)
+        sent = [_participant(doc(b)) for _, b in commands if _of(deployment_id, *STEPS)("", b)]
     assert row["state"] == "completed", "a duplicate report must not undo the committed canary"
-    check(fleet, row, V1, V2)
+    await asyncio.to_thread(check, fleet, row, V1, V2)
+    places = [("host-a", "payments"), ("host-b", "orders"), ("host-c", "orders"),
+              ("host-c", "payments")]  # fmt: skip
+    assert Counter(sent) == {(h, k, s): 1 for h, s in places for k in ("prepare", "commit")}, sent
