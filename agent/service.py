@@ -189,6 +189,9 @@ class Agent:
         if not isinstance(body, Prepare | Commit | Abort | Revert):
             raise ProtocolError(f"kind: an agent does not accept {envelope.kind!r} messages")
         if await self.store.seen(envelope.id):
+            if delivery.redelivered:  # the broker's own redelivery (an ack was lost): once
+                self._log.info("command.redelivered", command_id=envelope.id)
+                return
             raise trust.replayed(envelope)
         service = body.spec.name if isinstance(body, Prepare) else body.service
         record = await self.store.add_command(

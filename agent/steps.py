@@ -19,8 +19,9 @@ from dataclasses import replace
 from typing import Any
 
 from agent import artifacts, driver
+from agent.driver import ProcessRecord
 from agent.releases import Releases
-from agent.store import Store, SwitchKind, Txn, TxnState
+from agent.store import Store, Switch, SwitchKind, Txn, TxnState
 from agent.supervisor import Supervisor
 from shared import faults, log
 from shared.config import AgentSettings
@@ -111,16 +112,18 @@ class Steps:
         if txn is None or txn.state != "prepared":
             return await self._commit_replay(cmd, txn)
         spec = txn.spec
+        resumed = await self._switched(spec, dep, "commit")
         try:
-            await asyncio.to_thread(self.releases.promote, spec, dep)
-            if txn.rollback:
-                await self._before_rollback(name, spec.version)
-            await self.sup.run_hook(spec, "before_start")
+            if resumed is None:  # hooks ran already if `current` was switched before a crash
+                await asyncio.to_thread(self.releases.promote, spec, dep)
+                if txn.rollback:
+                    await self._before_rollback(name, spec.version)
+                await self.sup.run_hook(spec, "before_start")
         except (PermanentError, OSError) as e:
             await self.store.set_txn_state(dep, name, "commit_failed")
             logger.warning("commit.failed", reason=str(e))
             return self._result(dep, name, "commit", False, str(e), await self._running(name))
-        reason = await self._switch_and_start(spec, dep, "commit")
+        reason = await self._switch_and_start(spec, dep, "commit", resumed)
         if reason:
             await self.store.set_txn_state(dep, name, "commit_failed")
             logger.warning("commit.failed", version=spec.version, reason=reason)
@@ -146,17 +149,41 @@ class Steps:
             return str(e)
         return ""
 
-    async def _switch_and_start(self, spec: ServiceVersion, dep: str, kind: SwitchKind) -> str:
-        """Stop what runs, switch `current` to `spec`, start it; '' if healthy, else why."""
+    async def _switched(self, spec: ServiceVersion, dep: str, kind: SwitchKind) -> Switch | None:
+        """The switch to `spec` this step recorded before the agent died, if `current`
+        still points where it went: the step resumes after it instead of switching again."""
+        switch = await self.store.open_switch(spec.name, dep, kind)
+        if switch is None or switch.to_version != spec.version:
+            return None
+        if self.releases.current_version(spec.name) != spec.version:
+            return None
+        self._logger(dep, spec.name).info("switch.resumed", switch_id=switch.id, kind=kind)
+        return switch
+
+    async def _switch_and_start(
+        self, spec: ServiceVersion, dep: str, kind: SwitchKind, resumed: Switch | None = None
+    ) -> str:
+        """Stop what runs, switch `current` to `spec`, start it; '' if healthy, else why.
+
+        `resumed`: the switch was made before a crash; start `spec` (or keep the process
+        of it that runs) without stopping or switching again (I5: one switch a step).
+        """
         name = spec.name
-        previous = self.releases.current_version(name)
-        await self.sup.stop(name)
-        self.releases.switch(name, spec.version)
-        switch_id = await self.store.add_switch(name, previous, spec.version, kind, dep)
-        if kind == "commit":
-            faults.point("agent.switched")
+        if resumed is None:
+            previous = self.releases.current_version(name)
+            await self.sup.stop(name)
+            self.releases.switch(name, spec.version)
+            switch_id = await self.store.add_switch(name, previous, spec.version, kind, dep)
+            if kind == "commit":
+                faults.point("agent.switched")
+        else:
+            switch_id = resumed.id
         try:
-            record = await self.sup.start(spec)
+            record = await self._running_process(spec) if resumed else None
+            if record is None:
+                if resumed:
+                    await self.sup.stop(name)  # whatever else runs (an adopted old version)
+                record = await self.sup.start(spec)
             await self.sup.wait_healthy(spec, record)
         except PermanentError as e:
             return str(e)
@@ -200,6 +227,9 @@ class Steps:
         """Go back to `to` (None: stop the service); '' on success, else why not."""
         if to is not None and await self._already_running(to):
             return ""  # a repeated revert: do not restart a healthy service
+        resumed = None if to is None else await self._switched(to, dep, "revert")
+        if to is not None and resumed is not None:
+            return await self._switch_and_start(to, dep, "revert", resumed)
         await self._before_rollback(name, None if to is None else to.version)
         if to is None:
             await self._stop_service(name, dep)
@@ -213,6 +243,13 @@ class Steps:
         if row is None or row.version != spec.version or row.process is None:
             return False
         return driver.is_alive(row.process) and row.health == "healthy"
+
+    async def _running_process(self, spec: ServiceVersion) -> ProcessRecord | None:
+        """The live process of exactly `spec`'s version, if one runs (adopted)."""
+        row = await self.store.service(spec.name)
+        if row is None or row.version != spec.version or row.process is None:
+            return None
+        return row.process if driver.is_alive(row.process) else None
 
     async def _before_rollback(self, name: str, target: str | None) -> None:
         """Run before_rollback of the release `name` runs now, unless it is `target`."""

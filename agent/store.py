@@ -261,7 +261,14 @@ class Store:
         kind: SwitchKind,
         deployment_id: str | None,
     ) -> int:
-        """Record a switch of `current`; its id, to mark when the service settled."""
+        """Record a switch of `current`; its id, to mark when the service settled.
+
+        An earlier switch of the service still open is over now (a later step took the
+        service over), so it is settled in the same transaction."""
+        await self._db.execute(
+            "UPDATE switches SET settled_at = ? WHERE service = ? AND settled_at IS NULL",
+            (time.time(), service),
+        )
         cursor = await self._db.execute(
             "INSERT INTO switches (ts, service, from_version, to_version, kind, deployment_id)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -276,6 +283,29 @@ class Store:
             "UPDATE switches SET settled_at = ? WHERE id = ?", (time.time(), switch_id)
         )
         await self._db.commit()
+
+    async def open_switch(
+        self, service: str, deployment_id: str, kind: SwitchKind
+    ) -> Switch | None:
+        """The newest switch of `service` by this step that never settled (the agent died
+        between switching `current` and the service becoming healthy or failing)."""
+        async with self._db.execute(
+            "SELECT * FROM switches WHERE service = ? AND deployment_id = ? AND kind = ?"
+            " AND settled_at IS NULL ORDER BY id DESC LIMIT 1",
+            (service, deployment_id, kind),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else Switch(**dict(row))
+
+    async def switching(self, service: str) -> Switch | None:
+        """The switch of `service` still open, if any (see `open_switch`)."""
+        async with self._db.execute(
+            "SELECT * FROM switches WHERE service = ? AND settled_at IS NULL ORDER BY id DESC"
+            " LIMIT 1",
+            (service,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else Switch(**dict(row))
 
     async def switches(self, service: str | None = None) -> list[Switch]:
         where, args = ("WHERE service = ?", (service,)) if service else ("", ())

@@ -143,9 +143,16 @@ class Supervisor:
     async def adopt(self) -> None:
         """Adopt every recorded service that still runs; start the dead ones again.
 
-        A service left down after a crash loop stays down (and unhealthy).
+        A service left down after a crash loop stays down (and unhealthy), and so does
+        one whose `current` was switched away by a step that the agent's death cut short:
+        that step is resumed and starts the version it switched to (I5).
         """
         for row in await self.store.services():
+            switch = await self.store.switching(row.service)
+            if switch is not None and switch.to_version != row.version:
+                self._log.info("service.switch_pending", service=row.service,
+                               version=row.version, switching_to=switch.to_version)  # fmt: skip
+                continue
             if await self.store.crash_looped(row.service) == row.version:
                 self.monitor.set(row.service, "unhealthy")
                 self._log.warning("service.crash_loop_kept", service=row.service,
