@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from agent import driver
 from agent.store import ServiceRow
+from shared import topology
 from shared.messages import (
     Abort,
     AgentHello,
@@ -17,11 +20,12 @@ from shared.messages import (
     Revert,
     StepResult,
     Vote,
+    encode,
 )
 from shared.specs import ServiceVersion
 from tests.agent.conftest import HOST, Coordinator, Fleet, command
 from tests.agent.helpers import answered, demo_version, eventually, http_get
-from tests.support.rabbit import dead_letter_reasons
+from tests.support.rabbit import dead_letter_reasons, publish_raw
 
 
 async def _deploy(c: Coordinator, spec: ServiceVersion, dep: str, frm: str | None) -> StepResult:
@@ -229,3 +233,28 @@ async def test_a_restarted_agent_starts_a_dead_service_again(
     assert restarted.process is not None
     assert restarted.process.pid != row.process.pid
     assert await answered(fleet.port, "/version") == "1.0.0"
+
+
+async def test_each_refused_command_is_counted_by_its_reason_and_the_agent_keeps_serving(
+    coordinator: Coordinator, fleet: Fleet, amqp_url: str
+) -> None:
+    """Issue 8: a refusal is dead-lettered with its reason and counted in a metric."""
+    await fleet.start_agent()
+    await coordinator.wait(AgentHello)
+
+    def refused(reason: str) -> float:
+        value = REGISTRY.get_sample_value("lockstep_messages_refused_total", {"reason": reason})
+        return value or 0.0
+
+    before = {r: refused(r) for r in ("unsigned", "wrong_host", "expired")}
+    unsigned = command(Ping())
+    await publish_raw(amqp_url, topology.COMMANDS, topology.host_key(HOST), [encode(unsigned)])
+    await coordinator.send(Ping(), command(Ping(), host="elsewhere"))
+    await coordinator.send(Ping(), command(Ping(), ttl=-60))
+    reasons = await dead_letter_reasons(amqp_url, 3)
+    assert sorted(r.split(":")[0] for r in reasons) == ["expired", "unsigned", "wrong_host"]
+    assert {r: refused(r) - before[r] for r in before} == {
+        "unsigned": 1, "wrong_host": 1, "expired": 1,
+    }  # fmt: skip
+    await coordinator.send(Ping())
+    assert (await coordinator.wait(Heartbeat)).host_id == HOST
