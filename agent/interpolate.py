@@ -19,16 +19,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from shared.errors import PermanentError
+from shared.shellwords import misplaced
 from shared.specs import ServiceVersion
 
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 
 
 class InterpolationError(PermanentError):
-    """A `${...}` variable that is not known on this host."""
+    """A `${...}` variable that is not known on this host (or stands where quoting it
+    would not protect the command)."""
 
-    def __init__(self, where: str, name: str) -> None:
-        super().__init__(f"{where}: unknown variable ${{{name}}}")
+    def __init__(self, where: str, name: str, context: str = "") -> None:
+        what = f"${{{name}}} {context}" if context else f"unknown variable ${{{name}}}"
+        super().__init__(f"{where}: {what}")
         self.where = where
         self.name = name
 
@@ -52,6 +55,9 @@ def expand(text: str, values: Mapping[str, str], where: str, *, shell: bool = Fa
 
     With `shell`, each value is quoted for a POSIX shell (`text` is a command line).
     """
+
+    if shell and (names := misplaced(text)):  # a spec registered before the check
+        raise InterpolationError(where, names[0], "stands inside quotes, $(...) or backticks")
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1).strip()

@@ -11,9 +11,10 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,6 +26,7 @@ from pydantic import (
 
 from shared.durations import Duration
 from shared.errors import UserError
+from shared.shellwords import misplaced
 from shared.versions import parse_constraint, parse_version
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -38,6 +40,22 @@ MAX_TOML_BYTES = 1 << 20
 """The largest TOML file `read_toml` reads (1 MiB): a spec is a page, not a data set."""
 
 
+def _plain_variables(command: str) -> str:
+    """Refuse `${...}` inside quotes, `$(...)` or backticks of a shell command: there the
+    agent's quoting of the value would be undone (shared/shellwords.py)."""
+    names = misplaced(command)
+    if names:
+        raise ValueError(
+            f"${{{names[0]}}} stands inside quotes, $(...) or backticks; write it as a "
+            "plain word: lockstep shell-quotes every substituted value itself"
+        )
+    return command
+
+
+ShellCommand = Annotated[str, AfterValidator(_plain_variables)]
+"""A command run through a shell (`run`, hooks, `health.exec`)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,7 +65,7 @@ class HealthSpec(_Strict):
 
     http: str | None = None
     tcp: str | None = None
-    exec: str | None = None
+    exec: ShellCommand | None = None
     interval: Duration = 1.0
     timeout: Duration = 2.0
     healthy_after: int = Field(default=3, ge=1)
@@ -63,21 +81,21 @@ class HealthSpec(_Strict):
 class Hooks(_Strict):
     """Optional shell commands run in the release dir."""
 
-    before_start: str | None = None
-    after_start: str | None = None
-    before_rollback: str | None = None
+    before_start: ShellCommand | None = None
+    after_start: ShellCommand | None = None
+    before_rollback: ShellCommand | None = None
 
 
 class ServiceVersion(_Strict):
     """One immutable build of a service (SPEC 3.1)."""
 
     name: str = Field(pattern=NAME)
-    version: str
+    version: str = Field(pattern=VERSION)
     artifact: str
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", validate_default=True)
     requires: dict[str, str] = Field(default_factory=dict)
     hosts: dict[str, str] = Field(default_factory=dict)
-    run: str
+    run: ShellCommand
     env: dict[str, str] = Field(default_factory=dict)
     health: HealthSpec
     hooks: Hooks = Field(default_factory=Hooks)
