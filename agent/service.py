@@ -60,7 +60,8 @@ from shared.transport import Broker, Delivery
 DB_NAME = "agent.db"
 RETRY_MAX = 5.0
 SEEN_KEPT = 7 * 24 * 3600.0
-"""How long received command ids are remembered (far longer than any command lives)."""
+"""How long received command ids are remembered at least (twice a command's life if
+that is longer), so a replay is refused as long as the command would be valid."""
 
 
 class Agent:
@@ -117,7 +118,8 @@ class Agent:
         indoubt = InDoubt(
             self._store, self._publish, self.host_id, stale_after(self.settings.heartbeat_interval)
         )
-        await self._store.forget_seen(time.time() - SEEN_KEPT)
+        kept = max(SEEN_KEPT, 2 * (self.security.command_ttl + self.security.clock_skew))
+        await self._store.forget_seen(time.time() - kept)
         await self.broker.connect()
         await self._supervisor.adopt()
         states = await self._supervisor.states()
@@ -157,14 +159,19 @@ class Agent:
                 delay = min(delay * 2, RETRY_MAX)
 
     async def _resume(self) -> None:
-        """Run again the commands received before a restart, once verified again."""
+        """Run again the commands received before a restart, once verified again: the
+        signature and address as on arrival, the expiry as of when it arrived (it was
+        fresh then, and acked; a decision must not be lost to a long outage)."""
         for record in await self.store.pending_commands():
             logger = self._log.bind(
                 command_id=record.id, step=record.step, service=record.service,
                 deployment_id=record.deployment_id,
             )  # fmt: skip
+            received = await self.store.received_at(record.id)
             try:
-                self._verify(decode(record.body.encode()))
+                if received is None:
+                    raise ProtocolError("no record of when it was received", "expired")
+                self._verify(decode(record.body.encode()), datetime.fromtimestamp(received, UTC))
             except ProtocolError as e:
                 logger.warning("command.refused", reason=e.reason, resumed=True)
                 metrics.REFUSED.labels(e.code).inc()
@@ -173,9 +180,9 @@ class Agent:
             logger.info("command.resumed")
             self._dispatch(record)
 
-    def _verify(self, envelope: Envelope) -> None:
-        trust.check_command(envelope, self.host_id, self.coordinator_key, datetime.now(UTC),
-                            self.security.clock_skew)  # fmt: skip
+    def _verify(self, envelope: Envelope, at: datetime | None = None) -> None:
+        trust.check_command(envelope, self.host_id, self.coordinator_key,
+                            at or datetime.now(UTC), self.security.clock_skew)  # fmt: skip
 
     # --- receiving ----------------------------------------------------------------
 
@@ -220,6 +227,9 @@ class Agent:
             record = await queue.get()
             try:
                 await self._execute(record)
+            except Exception:  # the worker outlives any one command (it stays received)
+                self._log.exception("command.failed", command_id=record.id, step=record.step,
+                                    service=record.service)  # fmt: skip
             finally:
                 self._inflight.discard(record.id)
 

@@ -186,10 +186,13 @@ class Steps:
                 record = await self.sup.start(spec)
             await self.sup.wait_healthy(spec, record)
         except PermanentError as e:
-            return str(e)
-        finally:
-            await self.store.settle_switch(switch_id)
-        return ""
+            reason = str(e)
+        else:
+            reason = ""
+        # Settled only when the service became healthy or failed: an agent stopped (or
+        # killed) meanwhile leaves the switch open, and the step resumes from it.
+        await self.store.settle_switch(switch_id)
+        return reason
 
     # --- abort ------------------------------------------------------------------
 

@@ -107,6 +107,12 @@ class Store:
         async with self._db.execute("SELECT 1 FROM seen WHERE id = ?", (id,)) as cursor:
             return await cursor.fetchone() is not None
 
+    async def received_at(self, id: str) -> float | None:
+        """When the command with this envelope id was received (time.time())."""
+        async with self._db.execute("SELECT at FROM seen WHERE id = ?", (id,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else float(row["at"])
+
     async def forget_seen(self, older_than: float) -> None:
         """Forget command ids received before `older_than` (time.time()): long expired."""
         await self._db.execute("DELETE FROM seen WHERE at < ?", (older_than,))
