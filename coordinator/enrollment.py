@@ -25,6 +25,9 @@ from shared.errors import Refused, UserError
 from shared.messages import AgentHello, Heartbeat
 from shared.transport import Broker, Delivery
 
+MISMATCHES_KEPT = 10_000
+"""How many (host, key) mismatches are remembered so each is published once."""
+
 Emit = Callable[[str | None, str, dict[str, Any]], Awaitable[None]]
 
 
@@ -105,6 +108,8 @@ class Enrollment:
     async def _mismatch(self, host: str, presented: str, reason: str) -> None:
         if (host, presented) in self._mismatches:
             return  # once per presented key: an agent repeats it every heartbeat
+        if len(self._mismatches) >= MISMATCHES_KEPT:
+            self._mismatches.clear()
         self._mismatches.add((host, presented))
         self._log.warning("agent.key_mismatch", host_id=host, reason=reason)
         doc = {"host_id": host, "presented": signing.fingerprint(presented), "reason": reason}

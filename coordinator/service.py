@@ -390,16 +390,20 @@ class Coordinator:
         needs_specs = send.command in ("prepare", "revert")  # commit/abort carry no spec
         catalog = await self.store.catalog() if needs_specs else {}
         rollback = row["kind"] == "rollback"
-        bodies = [self._command(d, send.command, key, catalog, rollback) for key in send.keys]
+        trusted = {a["host_id"] for a in await self.store.agents()}
+        keys = [key for key in send.keys if key[0] in trusted]
+        failed: list[machine.Event] = []
+        for key in sorted(set(send.keys) - set(keys)):  # its key was revoked meanwhile
+            self._log.warning("command.withheld", deployment_id=d.id, host_id=key[0],
+                              service=key[1], command=send.command)  # fmt: skip
+            if send.command == "prepare":
+                failed.append(machine.Voted(key, False, "the host's key is not approved"))
+        bodies = [self._command(d, send.command, key, catalog, rollback) for key in keys]
         results = await asyncio.gather(
-            *(
-                self._publish_command(key[0], body)
-                for key, body in zip(send.keys, bodies, strict=True)
-            ),
+            *(self._publish_command(key[0], body) for key, body in zip(keys, bodies, strict=True)),
             return_exceptions=True,
         )
-        failed: list[machine.Event] = []
-        for key, result in zip(send.keys, results, strict=True):
+        for key, result in zip(keys, results, strict=True):
             if isinstance(result, Unroutable | BrokerUnavailable):
                 self._log.warning(
                     "command.unsent",

@@ -395,18 +395,21 @@ class Store:
         rows = await self._rows(
             "SELECT public_key, key_state FROM agents WHERE host_id = ?", host_id
         )
-        if not rows:
-            return None
+        if not rows or not rows[0]["public_key"]:
+            return None  # recorded before keys existed: it enrolls with its first key
         return KnownKey(host_id, rows[0]["public_key"], rows[0]["key_state"])
 
     async def enroll(
         self, host_id: str, public_key: str, labels: dict[str, str], key_state: str
     ) -> None:
-        """Record a new host and its key; nothing of what it reports is believed yet."""
+        """Record a new host and its key; nothing of what it reports is believed yet. A host
+        recorded before keys existed keeps its row and gets the key (and `key_state`)."""
         now = time.time()
         await self._db.execute(
             "INSERT INTO agents (host_id, labels, services, last_seen, first_seen, public_key,"
-            " key_state) VALUES (?, ?, '[]', ?, ?, ?, ?)",
+            " key_state) VALUES (?, ?, '[]', ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET"
+            " public_key = excluded.public_key, key_state = excluded.key_state"
+            " WHERE agents.public_key = ''",
             (host_id, json.dumps(labels), now, now, public_key, key_state),
         )
         await self._db.commit()

@@ -27,7 +27,6 @@ from shared.errors import Refused
 from shared.messages import AgentHello, Envelope, Heartbeat
 
 KeyState = Literal["pending", "approved", "rejected", "revoked"]
-KEY_STATES: tuple[KeyState, ...] = ("pending", "approved", "rejected", "revoked")
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,7 @@ def admit(
         signing.check(envelope, _public(announced))
         return Enroll(announced)
     if announced is not None and announced != known.public_key:
+        signing.check(envelope, _public(announced))  # a mismatch must at least be genuine
         raise Refused("key_mismatch", f"{host!r} presented key {signing.fingerprint(announced)}"
                       f", not its enrolled {signing.fingerprint(known.public_key)}")  # fmt: skip
     signing.check(envelope, _public(known.public_key))

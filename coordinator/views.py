@@ -75,17 +75,21 @@ def agents(
                 "host_id": a["host_id"],
                 "labels": a["labels"],
                 "state": "alive" if alive(
-                    {"last_seen": max(a["last_seen"], heard.get(a["host_id"], 0.0))},
-                    now, lost_after,
+                    {"last_seen": _last_seen(a, heard)}, now, lost_after
                 ) else "lost",
                 "key_state": a["key_state"],
                 "fingerprint": signing.fingerprint(a["public_key"]) if a["public_key"] else None,
-                "last_seen": a["last_seen"],
+                "last_seen": _last_seen(a, heard),
                 "services": a["services"],
             }
             for a in rows
         ]
     }
+
+
+def _last_seen(agent: dict[str, Any], heard: dict[str, float]) -> float:
+    """When the agent last reported: believed (stored) or merely heard (not approved)."""
+    return max(float(agent["last_seen"]), heard.get(agent["host_id"], 0.0))
 
 
 def status(

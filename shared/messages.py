@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import DecodeError
 from shared.specs import HOST, NAME, VERSION, ServiceVersion, Strategy, field_of
@@ -220,6 +220,10 @@ class Inquiry(Body):
 
 
 class Alert(Body):
+    """SPEC 5: `{"service", "severity", "reason"}` plus any other fields (kept, ignored):
+    Alertmanager's `labels`, `annotations` and the like."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
     KIND: ClassVar[str] = "alert"
     service: str
     severity: str
@@ -247,8 +251,8 @@ def _now() -> datetime:
 class _EnvelopeBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=ID)
-    sent_at: datetime = Field(default_factory=_now)
-    expires_at: datetime | None = None
+    sent_at: AwareDatetime = Field(default_factory=_now)
+    expires_at: AwareDatetime | None = None
     """Past this (plus the allowed clock skew) a command is refused (SPEC 7)."""
     sender: str = Field(min_length=1, max_length=256)
     to: HostId | None = None

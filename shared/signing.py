@@ -107,19 +107,24 @@ def write_pair(directory: Path, name: str, key: Ed25519PrivateKey) -> tuple[Path
         f.write(pem)
         f.flush()
         os.fsync(f.fileno())
-    public.write_text(public_text(key.public_key()) + "\n")
+    fd = os.open(public, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(public_text(key.public_key()) + "\n")
     return private, public
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
     """The private key at `path`; `UserError` if missing, readable by others, or not one."""
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
+        with path.open("rb") as f:  # one open: the mode checked is the file read
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read(64 * 1024)
     except FileNotFoundError as e:
         raise UserError(str(path), "no such key file") from e
     except OSError as e:
         raise UserError(str(path), f"cannot read the key: {e}") from e
+    if not stat.S_ISREG(mode):
+        raise UserError(str(path), "not a regular file")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UserError(str(path), f"permissions {oct(mode & 0o777)} are too open; chmod 600")
     try:

@@ -379,8 +379,7 @@ class Broker:
             envelope = decode_alert(message.body, message.app_id or "monitoring")
         else:
             envelope = decode(message.body)
-        accepted = topology.ACCEPTS.get(exchange)
-        if accepted is not None and envelope.kind not in accepted:
+        if envelope.kind not in topology.ACCEPTS.get(exchange, frozenset()):
             raise ProtocolError(
                 f"wrong_exchange: {exchange or 'the default exchange'} does not carry "
                 f"{envelope.kind!r} messages",

@@ -180,6 +180,7 @@ def test_reports_about_a_deployment_or_service_the_host_does_not_hold_change_not
     marker = fleet.cli("agents", "--json")  # the coordinator handles its queue in order
     assert marker.code == 0
     assert _services(fleet) == before
+    assert asyncio.run(dead_letter_reasons(amqp_url, 1, timeout=2)) == [], "admitted, not refused"
     events = fleet.cli("events", "--json").doc["events"]
     assert not [e for e in events[events_before:] if e["type"] == "health.change"]
     assert fleet.history()["deployments"][0]["state"] == "completed"  # no rollback began

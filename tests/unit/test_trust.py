@@ -157,6 +157,20 @@ ADMIT_CASES: list[tuple[str, Envelope, trust.KnownKey | None, str | None, Any]] 
         "bad_signature",
     ),
     ("unsigned report", _report(VOTE, None), KNOWN, "lockstep-agent-host-a", "unsigned"),
+    (
+        "known host, a new key announced in a report it did not sign",
+        _hello(STRANGER.public, AGENT),
+        KNOWN,
+        "lockstep-agent-host-a",
+        "bad_signature",
+    ),
+    (
+        "known host, a new key announced unsigned",
+        _report(Heartbeat(host_id="host-a", services=[], public_key=STRANGER.public), None),
+        KNOWN,
+        "lockstep-agent-host-a",
+        "unsigned",
+    ),
     ("another host's broker user", _report(VOTE), KNOWN, "lockstep-agent-host-b", "wrong_user"),
     ("no broker user", _report(VOTE), KNOWN, None, "wrong_user"),
     (
