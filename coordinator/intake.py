@@ -92,11 +92,11 @@ class Intake:
             await self._start_ready()
 
     async def _held(self) -> set[str]:
-        rows = await self.store.deployments(in_flight=True)
+        rows = await self.store.in_flight()
         return {name for row in rows for name in row["plan"].get("locks", [])}
 
     async def _start_ready(self) -> None:
-        rows = await self.store.deployments(in_flight=True)
+        rows = await self.store.in_flight()
         held = {n for r in rows if r["state"] != "queued" for n in r["plan"].get("locks", [])}
         for row in sorted((r for r in rows if r["state"] == "queued"), key=_age):
             locks = set(row["plan"]["locks"])

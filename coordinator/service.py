@@ -84,7 +84,7 @@ class Coordinator:
         )
         await self.broker.connect()
         await self.broker.declare(topology.coordinator_queue())
-        for row in await self.store.deployments(in_flight=True):
+        for row in await self.store.in_flight():
             if row["state"] != "queued":
                 self._log.info("deployment.recovering", deployment_id=row["deployment_id"])
                 await self.drive(row["deployment_id"], machine.Recovered())
@@ -194,13 +194,14 @@ class Coordinator:
             return views.status(
                 release_id,
                 services,
-                await self.store.deployments(in_flight=True),
+                await self.store.in_flight(),
                 await self.store.agents(),
                 now,
                 self.lost_after,
             )
         if body.what == "history":
-            return views.history(await self.store.deployments(), await self.store.releases())
+            page = await self.store.deployments(limit=body.limit, before=body.before)
+            return views.history(page, await self.store.releases(), body.limit)
         if body.what == "agents":
             rows = await self.store.agents(approved_only=False)
             return views.agents(rows, now, self.lost_after, self.enrollment.heard)
@@ -255,7 +256,7 @@ class Coordinator:
         return views.deployment(row)
 
     async def _only_in_flight(self) -> str:
-        rows = await self.store.deployments(in_flight=True)
+        rows = await self.store.in_flight()
         if len(rows) != 1:
             ids = ", ".join(r["deployment_id"] for r in rows) or "none"
             raise UserError("deployment_id", f"name the deployment ({len(rows)} in flight: {ids})")
@@ -297,7 +298,7 @@ class Coordinator:
         await self.store.add_events(None, [(body.KIND, body.model_dump())])
         if isinstance(body, HealthChange) and body.health != "unhealthy":
             return
-        in_flight = await self.store.deployments(in_flight=True)
+        in_flight = await self.store.in_flight()
         deployment_id = triggers.on_host_failure(
             body.host_id, body.service, body.version, in_flight
         )
@@ -314,7 +315,7 @@ class Coordinator:
         _, current = await self.store.current_release()
         decision = triggers.on_alert(
             alert.service, alert.severity, threshold=self.settings.alert_min_severity,
-            current=current, in_flight=await self.store.deployments(in_flight=True),
+            current=current, in_flight=await self.store.in_flight(),
             last_completed=await self.store.last_completed(), now=time.time(),
             window=self.settings.auto_rollback_window,
         )  # fmt: skip

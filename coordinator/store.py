@@ -304,13 +304,26 @@ class Store:
         rows = await self._rows("SELECT * FROM deployments WHERE request_id = ?", request_id)
         return _deployment(rows[0]) if rows else None
 
-    async def deployments(
-        self, *, in_flight: bool = False, limit: int = 100
-    ) -> list[dict[str, Any]]:
-        where = "WHERE ended_at IS NULL" if in_flight else ""
+    async def in_flight(self) -> list[dict[str, Any]]:
+        """Every deployment not ended, queued ones included, newest first (no cap:
+        recovery and the lock sets must see them all)."""
         rows = await self._rows(
-            f"SELECT * FROM deployments {where} ORDER BY started_at DESC, rowid DESC LIMIT ?", limit
+            "SELECT * FROM deployments WHERE ended_at IS NULL ORDER BY started_at DESC, rowid DESC"
         )
+        return [_deployment(r) for r in rows]
+
+    async def deployments(self, *, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+        """A page of the history, newest first: at most `limit` deployments started before
+        the deployment `before` (from the newest when None)."""
+        where, args = "", tuple[str, ...]()
+        if before is not None:
+            where = ("WHERE (started_at, rowid) < (SELECT started_at, rowid FROM deployments"
+                     " WHERE id = ?)")  # fmt: skip
+            args = (before,)
+        rows = await self._rows(
+            f"SELECT * FROM deployments {where} ORDER BY started_at DESC, rowid DESC LIMIT ?",
+            *args, limit,
+        )  # fmt: skip
         return [_deployment(r) for r in rows]
 
     async def last_completed(self) -> dict[str, Any] | None:

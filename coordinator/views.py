@@ -45,7 +45,11 @@ def deployment(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def history(rows: list[dict[str, Any]], releases: list[dict[str, Any]]) -> dict[str, Any]:
+def history(
+    rows: list[dict[str, Any]], releases: list[dict[str, Any]], limit: int
+) -> dict[str, Any]:
+    """One page of deployments (newest first) with `next_before`, the cursor of the next
+    page (None at the end), and every release."""
     keys = (
         "deployment_id",
         "release_id",
@@ -60,6 +64,7 @@ def history(rows: list[dict[str, Any]], releases: list[dict[str, Any]]) -> dict[
     )
     return {
         "deployments": [{k: r[k] for k in keys} for r in rows],
+        "next_before": rows[-1]["deployment_id"] if len(rows) == limit else None,
         "releases": releases,
     }
 

@@ -62,7 +62,7 @@ class Watch:
         for agent in agents:
             await self._liveness(agent, now)
         release_id, release = await self.store.current_release()
-        in_flight = await self.store.deployments(in_flight=True)
+        in_flight = await self.store.in_flight()
         quiet = now - await self.store.last_ended() > 2 * self.settings.heartbeat_interval
         if release_id is None or in_flight or not quiet:
             self._seen.clear()

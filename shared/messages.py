@@ -80,6 +80,10 @@ class QueryRequest(Body):
     what: Literal["status", "history", "agents", "deployment", "events"]
     deployment_id: DeploymentId | None = None
     after: int = 0
+    limit: int = Field(default=100, ge=1, le=10_000)
+    """history: at most this many deployments, newest first."""
+    before: DeploymentId | None = None
+    """history: only deployments started before this one (the previous page's last)."""
 
 
 class ErrorInfo(BaseModel):

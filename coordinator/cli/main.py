@@ -369,9 +369,25 @@ def status(as_json: Json = False) -> None:
 
 
 @app.command()
-def history(as_json: Json = False) -> None:
-    """Releases and deployments, newest first, with outcome and reason."""
-    _query("history", as_json, render.history)
+def history(
+    limit: Annotated[int, typer.Option(help="At most this many deployments.", min=1)] = 100,
+    before: Annotated[
+        str | None, typer.Option(help="Only those started before this deployment id.")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Releases and deployments, newest first, with outcome and reason (a page at a time:
+    the JSON's `next_before` is the `--before` of the next page)."""
+    try:
+        body = validate(QueryRequest, {"what": "history", "limit": limit, "before": before}, "")
+    except UserError as e:
+        fail(EXIT_BAD_INPUT, "user", e.reason, f"--{e.field}", as_json=as_json)
+
+    async def go(broker: Broker) -> int:
+        emit(await ask(broker, "query", body), as_json, render.history)
+        return EXIT_OK
+
+    call(go, as_json=as_json)
 
 
 AGENT_ACTIONS = ("approve", "reject", "revoke", "remove", "converge")
