@@ -25,14 +25,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent import trust
+from agent import driver, health, trust
 from agent.driver import ProcessRecord
 from agent.indoubt import InDoubt, stale_after
 from agent.monitor import Monitor
 from agent.releases import Releases
 from agent.steps import Command, Steps
 from agent.store import CommandRecord, Store
-from agent.supervisor import Supervisor
+from agent.supervisor import HealthWait, ProcessDriver, Supervisor
 from shared import faults, log, metrics, signing, topology
 from shared.config import AgentSettings, BrokerSettings, SecuritySettings
 from shared.errors import ProtocolError, TransientError
@@ -76,7 +76,15 @@ class Agent:
         agent_settings: AgentSettings,
         coordinator_key: Ed25519PublicKey,
         security: SecuritySettings | None = None,
+        *,
+        share: Broker | None = None,
+        process_driver: ProcessDriver = driver,
+        health_wait: HealthWait = health.wait_healthy,
     ) -> None:
+        """`share`: a connected Broker whose connection this agent uses (default: its
+        own). `process_driver`, `health_wait`: how services run and are awaited healthy
+        (default: `agent.driver`, `agent.health.wait_healthy`). The three let the fleet
+        benchmark host many agents in one process (tests/perf/fleet.py)."""
         self.host_id = host_id
         self.labels = dict(labels)
         self.state_dir = state_dir
@@ -88,8 +96,10 @@ class Agent:
         self.signer = signing.Signer(signing.own_key(state_dir))
         self.broker = Broker(
             broker_settings, name=self.sender, signer=self.signer,
-            dead_letter_via=(topology.REPORTS, topology.DEAD_KEY),
+            dead_letter_via=(topology.REPORTS, topology.DEAD_KEY), share=share,
         )  # fmt: skip
+        self._process_driver = process_driver
+        self._health_wait = health_wait
         self.releases = Releases(state_dir)
         self._tasks = TaskGroup(self.sender)
         self.monitor = Monitor(self._tasks, self._on_health, self._on_exit)
@@ -112,7 +122,8 @@ class Agent:
         self._store = await Store.open(self.state_dir / DB_NAME)
         self._supervisor = Supervisor(
             self.host_id, self.labels, self.releases, self._store, self.monitor, self.settings,
-            on_crash_loop=self._report,
+            on_crash_loop=self._report, process_driver=self._process_driver,
+            health_wait=self._health_wait,
         )  # fmt: skip
         self._steps = Steps(self._supervisor, self.settings)
         indoubt = InDoubt(

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from agent import driver, health, hooks, interpolate
 from agent.driver import ProcessRecord
@@ -34,11 +35,32 @@ from shared import log
 from shared.config import AgentSettings
 from shared.errors import LockstepError, PermanentError
 from shared.messages import CrashLoop, Health, ServiceState
-from shared.specs import ServiceVersion
+from shared.specs import HealthSpec, ServiceVersion
 
-__all__ = ["HookFailed", "Supervisor"]
+__all__ = ["HealthWait", "HookFailed", "ProcessDriver", "Supervisor"]
 
 OnCrashLoop = Callable[[CrashLoop], Awaitable[None]]
+HealthWait = Callable[
+    [HealthSpec, Callable[[], str | None], Path | None, Mapping[str, str] | None], Awaitable[None]
+]
+"""How a started service is awaited until healthy: `agent.health.wait_healthy` by default."""
+
+
+class ProcessDriver(Protocol):
+    """What runs a service's process: the module `agent.driver` by default. The fleet
+    benchmark (tests/perf/perfdriver.py) passes one that starts nothing."""
+
+    def start(
+        self, command: str, cwd: Path, env: Mapping[str, str], log_path: Path
+    ) -> ProcessRecord: ...
+
+    def is_alive(self, record: ProcessRecord) -> bool: ...
+
+    def exit_reason(self, record: ProcessRecord) -> str: ...
+
+    def kill_leftovers(self, record: ProcessRecord) -> None: ...
+
+    async def stop(self, record: ProcessRecord, grace: float) -> None: ...
 
 
 class Supervisor:
@@ -53,6 +75,8 @@ class Supervisor:
         monitor: Monitor,
         settings: AgentSettings,
         on_crash_loop: OnCrashLoop,
+        process_driver: ProcessDriver = driver,
+        health_wait: HealthWait = health.wait_healthy,
     ) -> None:
         self.host_id = host_id
         self.labels = dict(labels)
@@ -62,6 +86,8 @@ class Supervisor:
         self.settings = settings
         self.exits = ExitHistory(settings.crash_loop_exits, settings.crash_loop_window)
         self._on_crash_loop = on_crash_loop
+        self._driver = process_driver
+        self._health_wait = health_wait
         self._locks: dict[str, asyncio.Lock] = {}
         self._log = log.get("agent.supervisor", host_id=host_id)
 
@@ -82,7 +108,7 @@ class Supervisor:
         rendered = self.render(spec)
         release_dir = self.releases.release_dir(spec.name, spec.version)
         log_file = self.releases.log_file(spec.name, spec.version)
-        record = driver.start(rendered.run, release_dir, rendered.env, log_file)
+        record = self._driver.start(rendered.run, release_dir, rendered.env, log_file)
         row = ServiceRow(spec.name, spec.version, spec, record, str(release_dir), "starting")
         await self.store.put_service(row)
         self.monitor.set(spec.name, "starting")
@@ -95,10 +121,10 @@ class Supervisor:
         release_dir = self.releases.release_dir(spec.name, spec.version)
 
         def exited() -> str | None:
-            return None if driver.is_alive(record) else driver.exit_reason(record)
+            return None if self._driver.is_alive(record) else self._driver.exit_reason(record)
 
         try:
-            await health.wait_healthy(rendered.health, exited, release_dir, rendered.env)
+            await self._health_wait(rendered.health, exited, release_dir, rendered.env)
         except health.HealthFailed:
             await self.store.set_health(spec.name, "unhealthy")
             self.monitor.set(spec.name, "unhealthy")
@@ -117,7 +143,7 @@ class Supervisor:
         await self.store.clear_crash_loop(name)
         row = await self.store.service(name)
         if row is not None and row.process is not None:
-            await driver.stop(row.process, self.settings.stop_grace)
+            await self._driver.stop(row.process, self.settings.stop_grace)
             self._log.info("service.stopped", service=name, version=row.version)
 
     async def run_hook(self, spec: ServiceVersion, hook: str) -> None:
@@ -158,7 +184,7 @@ class Supervisor:
                 self._log.warning("service.crash_loop_kept", service=row.service,
                                   version=row.version)  # fmt: skip
                 continue
-            if row.process is not None and driver.is_alive(row.process):
+            if row.process is not None and self._driver.is_alive(row.process):
                 rendered = self.render(row.spec)
                 initial: Health = "healthy" if row.health == "healthy" else "starting"
                 self.monitor.watch(
@@ -171,7 +197,7 @@ class Supervisor:
 
     async def restart(self, row: ServiceRow) -> bool:
         """Start `row`'s service again from its recorded release and watch it."""
-        if not _is_dir(row.release_dir):
+        if not await asyncio.to_thread(_is_dir, row.release_dir):
             self._log.error("service.release_missing", service=row.service, version=row.version)
             return False
         try:
@@ -203,7 +229,7 @@ class Supervisor:
             row = await self.store.service(name)
             if self.monitor.watching(name) != record or row is None or row.process != record:
                 return  # stopped or switched on purpose meanwhile
-            driver.kill_leftovers(record)  # soon after the exit, its pgid is still its own
+            self._driver.kill_leftovers(record)  # soon after the exit, its pgid is still its own
             if self.exits.is_loop(exits):
                 report = await self._crash_loop(row, exits, reason)
             elif not await self.restart(row):

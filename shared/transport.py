@@ -98,7 +98,12 @@ class Broker:
         *,
         signer: Signer | None = None,
         dead_letter_via: tuple[str, str] = (topology.DEAD, ""),
+        share: Broker | None = None,
     ) -> None:
+        """`share`: a Broker whose connection this one uses instead of opening its own
+        (connect `share` first). Many agents in one process, as in the fleet benchmark,
+        then take one socket with a few channels each; `close` closes only this Broker's
+        channels, and the connection stays `share`'s to close."""
         self.settings = settings
         self.name = name
         self.signer = signer
@@ -107,6 +112,7 @@ class Broker:
         with EXTERNAL auth: the broker alone knows the certificate's user)."""
         self._dead_letter_via = dead_letter_via
         self._log = log.get("transport", connection=name)
+        self._share = share
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -122,15 +128,17 @@ class Broker:
         An `amqps://` URL connects over TLS, verifying the broker's certificate and
         host name; bad TLS settings raise `UserError` before any connection is tried.
         """
-        ssl_context = self._ssl_context()
         try:
-            self._connection = await aio_pika.connect_robust(
-                self.settings.amqp_url,
-                ssl_context=ssl_context,
-                timeout=self.settings.connect_timeout,
-                reconnect_interval=self.settings.reconnect_interval,
-                client_properties={"connection_name": self.name},
-            )
+            if self._share is not None:
+                self._connection = self._share._connection_or_fail()
+            else:
+                self._connection = await aio_pika.connect_robust(
+                    self.settings.amqp_url,
+                    ssl_context=self._ssl_context(),
+                    timeout=self.settings.connect_timeout,
+                    reconnect_interval=self.settings.reconnect_interval,
+                    client_properties={"connection_name": self.name},
+                )
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -174,10 +182,18 @@ class Broker:
         return self._publish_channel
 
     async def close(self) -> None:
+        """Stop consuming and close the connection (a shared one: only this Broker's
+        channels, i.e. its publish channel and each consumed queue's channel)."""
         await self._tasks.close()
-        if self._connection is not None:
+        if self._connection is not None and self._share is None:
             with contextlib.suppress(*_BROKER_ERRORS):
                 await self._connection.close()
+        elif self._connection is not None:
+            channels = [self._publish_channel, *(queue.channel for queue in self._queues)]
+            for channel in {id(c): c for c in channels if c is not None}.values():
+                with contextlib.suppress(*_BROKER_ERRORS):
+                    await channel.close()
+            self._publish_channel = None
         self._connection = None
 
     # --- topology ---------------------------------------------------------------
