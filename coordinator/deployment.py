@@ -7,6 +7,7 @@ coordinator/machine.py, which re-exports these names.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ PPhase = Literal[
     "queued", "preparing", "prepared", "refused", "unavailable", "committing", "committed",
     "commit_failed", "aborting", "aborted", "reverting", "reverted", "revert_failed",
 ]  # fmt: skip
+"""A participant's phase; `queued`: not sent its prepare yet (`max_parallel_prepare`)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,17 @@ class Deployment:
         participants = dict(self.participants)
         participants[key] = replace(participants[key], **changes)  # type: ignore[arg-type]
         return replace(self, participants=participants)
+
+    def with_participants(self, keys: Iterable[Key], **changes: str) -> Deployment:
+        """`with_participant` for every key of `keys`, copying the map once."""
+        participants = dict(self.participants)
+        for key in keys:
+            participants[key] = replace(participants[key], **changes)  # type: ignore[arg-type]
+        return replace(self, participants=participants)
+
+    def plan_order(self) -> list[Key]:
+        """Every participant in commit order: batches in turn (how prepares go out)."""
+        return [key for step in self.steps for key in step]
 
     def in_phase(self, *phases: str) -> list[Key]:
         return [k for k, p in self.participants.items() if p.phase in phases]

@@ -10,10 +10,23 @@ any NO vote or a silent host beyond `allow_unavailable` -> aborting -> aborted; 
 commit (or a failure while baking) -> reverting -> rolled_back, or failed when a
 revert fails. Late and duplicate events are ignored, so a message delivered twice
 has its effect once (I5).
+
+Prepare flow control (`max_parallel_prepare`, default all): at most that many
+participants have a prepare in flight. They go out in plan order (the commit batches
+in turn); the rest wait `queued`, and each YES vote, or a silent participant written
+off as unavailable, lets the next one go. The prepare timeout runs per wave: wave w is
+the w-th run of `max_parallel_prepare` participants in plan order, and its timer
+(`prepare` for wave 0, `prepare:<w>` after) starts once its last member is sent its
+prepare. When it fires, the members of that wave still silent are late: beyond
+`allow_unavailable` hosts (counted over the whole deployment) that aborts, otherwise
+they are left out as unavailable and their slots go to the next ones. So every
+participant gets at least `prepare_timeout` to vote, however long the queue before it,
+and a phase with every prepare in flight at once keeps its one `prepare` timer.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import replace
 
 from coordinator.deployment import (
@@ -151,8 +164,14 @@ def _control(d: Deployment, action: str) -> tuple[Deployment, list[Action]]:
 def _start(d: Deployment) -> tuple[Deployment, list[Action]]:
     if not d.participants:
         return _finish(d, "completed", "nothing to change")
-    keys = tuple(d.participants)
-    return d, [Send("prepare", keys), StartTimer("prepare", d.strategy.prepare_timeout)]
+    if d.phase != "preparing" or any(p.phase != "preparing" for p in d.participants.values()):
+        return d, []  # started before: a second Started sends nothing again
+    order = d.plan_order()
+    size = d.strategy.prepare_size(len(order))
+    if len(order) > size:
+        d = d.with_participants(order[size:], phase="queued")
+    first = order[:size]
+    return d, [Send("prepare", tuple(first)), *_prepare_timers(d, 0, len(first))]
 
 
 def _voted(d: Deployment, e: Voted) -> tuple[Deployment, list[Action]]:
@@ -165,9 +184,48 @@ def _voted(d: Deployment, e: Voted) -> tuple[Deployment, list[Action]]:
         d = d.with_participant(e.key, phase="refused", reason=e.reason)
         return _abort(d, f"{p.host} voted NO for {p.service} {p.version}: {e.reason}")
     d = d.with_participant(e.key, phase="prepared")
-    if d.in_phase("preparing"):
-        return d, []
-    return _commit_first(d)
+    return _admit(d, 1)
+
+
+def _admit(d: Deployment, slots: int) -> tuple[Deployment, list[Action]]:
+    """Send prepare to the next `slots` queued participants; decide once none is left.
+
+    Queued participants are a suffix of the plan order (they are admitted in order), so
+    the first of them is found by bisection, and only when the last one is queued.
+    """
+    last = next((step[-1] for step in reversed(d.steps) if step), None)
+    if last is None or d.participants[last].phase != "queued":
+        if d.in_phase("preparing"):
+            return d, []
+        return _commit_first(d)
+    order = d.plan_order()
+    start = bisect_left(order, True, key=lambda k: d.participants[k].phase == "queued")
+    keys = order[start : start + slots]
+    d = d.with_participants(keys, phase="preparing")
+    return d, [Send("prepare", tuple(keys)), *_prepare_timers(d, start, start + len(keys))]
+
+
+def _prepare_timers(d: Deployment, start: int, end: int) -> list[Action]:
+    """The timers of the waves whose last member is among plan positions [start, end)."""
+    total = sum(len(step) for step in d.steps)
+    size = d.strategy.prepare_size(total)
+    timers: list[Action] = []
+    for wave in range(start // size, (end - 1) // size + 1):
+        if start < min((wave + 1) * size, total) <= end:
+            timers.append(StartTimer(_prepare_token(wave), d.strategy.prepare_timeout))
+    return timers
+
+
+def _prepare_token(wave: int) -> str:
+    return "prepare" if wave == 0 else f"prepare:{wave}"
+
+
+def _prepare_wave(token: str) -> int | None:
+    """The wave a prepare timer's token names, or None if it is no prepare timer."""
+    if token == "prepare":
+        return 0
+    name, _, wave = token.partition(":")
+    return int(wave) if name == "prepare" and wave.isdigit() else None
 
 
 def _commit_first(d: Deployment) -> tuple[Deployment, list[Action]]:
@@ -194,9 +252,10 @@ def _send_step(d: Deployment) -> tuple[Deployment, list[Action]]:
 
 
 def _abort(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
+    """ABORT: told to those sent a prepare; the queued ones never were, so they are done."""
     keys = tuple(d.in_phase("preparing", "prepared", "refused", "unavailable"))
-    for key in keys:
-        d = d.with_participant(key, phase="aborting")
+    d = d.with_participants(d.in_phase("queued"), phase="aborted")
+    d = d.with_participants(keys, phase="aborting")
     d = replace(d, decision="abort", phase="aborting", reason=reason)
     if not keys:
         return _finish(d, "aborted", reason)
@@ -292,8 +351,9 @@ def _after_revert_result(d: Deployment) -> tuple[Deployment, list[Action]]:
 
 
 def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
-    if token == "prepare" and d.phase == "preparing":
-        return _prepare_deadline(d)
+    wave = _prepare_wave(token)
+    if wave is not None and d.phase == "preparing":
+        return _prepare_deadline(d, wave)
     if token == "abort" and d.phase == "aborting":
         return _finish(d, "aborted", d.reason)
     if token == "bake" and d.phase == "baking":
@@ -319,14 +379,20 @@ def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
     return d, []
 
 
-def _prepare_deadline(d: Deployment) -> tuple[Deployment, list[Action]]:
-    silent = d.in_phase("preparing")
+def _prepare_deadline(d: Deployment, wave: int) -> tuple[Deployment, list[Action]]:
+    """Wave `wave` had its `prepare_timeout`: its silent members are late."""
+    order = d.plan_order()
+    size = d.strategy.prepare_size(len(order))
+    members = order[wave * size : (wave + 1) * size]
+    silent = [k for k in members if d.participants[k].phase == "preparing"]
+    if not silent or d.participants[members[-1]].phase == "queued":
+        return d, []  # all voted, or a wave not all sent yet, whose timer never started
     hosts = sorted({h for h, _ in silent})
-    if len(hosts) > d.strategy.allow_unavailable:
+    late = {h for h, _ in d.in_phase("unavailable")}.union(hosts)
+    if len(late) > d.strategy.allow_unavailable:
         return _abort(d, f"prepare timed out: no vote from {', '.join(hosts)}")
-    for key in silent:
-        d = d.with_participant(key, phase="unavailable", reason="no vote before prepare_timeout")
-    return _commit_first(d)
+    d = d.with_participants(silent, phase="unavailable", reason="no vote before prepare_timeout")
+    return _admit(d, len(silent))
 
 
 def _recovered(d: Deployment) -> tuple[Deployment, list[Action]]:

@@ -158,6 +158,9 @@ class Strategy(_Strict):
     """How a deployment rolls out (SPEC 3.2); every key is also a `deploy` flag."""
 
     max_parallel: Percent = "100%"
+    max_parallel_prepare: Percent = "100%"
+    """Prepares in flight at once (each fetches one artifact): a count or a percentage
+    of the deployment's participants; the next goes out as soon as one votes."""
     canary: int = Field(default=0, ge=0)
     canary_bake: Duration = 0.0
     bake: Duration = 0.0
@@ -166,7 +169,7 @@ class Strategy(_Strict):
     prepare_timeout: Duration = 30.0
     commit_timeout: Duration = 120.0
 
-    @field_validator("max_parallel")
+    @field_validator("max_parallel", "max_parallel_prepare")
     @classmethod
     def _parallel(cls, value: Percent) -> Percent:
         if isinstance(value, int):
@@ -180,10 +183,19 @@ class Strategy(_Strict):
 
     def batch_size(self, hosts: int) -> int:
         """Hosts per batch for a wave of `hosts` hosts."""
-        if isinstance(self.max_parallel, int):
-            return max(1, self.max_parallel)
-        percent = int(self.max_parallel.strip().rstrip("%"))
-        return max(1, (hosts * percent) // 100)
+        return _share(self.max_parallel, hosts)
+
+    def prepare_size(self, participants: int) -> int:
+        """Prepares in flight at once for a deployment of `participants` participants."""
+        return _share(self.max_parallel_prepare, participants)
+
+
+def _share(limit: Percent, total: int) -> int:
+    """`limit` (a count, or a percentage of `total`) as a count: at least 1."""
+    if isinstance(limit, int):
+        return max(1, limit)
+    percent = int(limit.strip().rstrip("%"))
+    return max(1, (total * percent) // 100)
 
 
 class ReleaseFile(_Strict):

@@ -187,6 +187,9 @@ def register(
 Specs = Annotated[list[str] | None, typer.Argument(help="SVC=VERSION pairs.")]
 File = Annotated[Path | None, typer.Option("--file", help="Release file (TOML).")]
 MaxParallel = Annotated[str | None, typer.Option(help="Hosts per batch: count or percentage.")]
+MaxParallelPrepare = Annotated[
+    str | None, typer.Option(help="Prepares (artifact fetches) at once: count or percentage.")
+]
 Canary = Annotated[int | None, typer.Option(help="Hosts committed first.")]
 CanaryBake = Annotated[str | None, typer.Option(help="How long canaries must stay healthy.")]
 Bake = Annotated[str | None, typer.Option(help="Watch window after the last commit.")]
@@ -221,12 +224,15 @@ def plan(
     specs: Specs = None,
     file: File = None,
     max_parallel: MaxParallel = None,
+    max_parallel_prepare: MaxParallelPrepare = None,
     canary: Canary = None,
     as_json: Json = False,
 ) -> None:
     """Dry run: the resolved version set, its waves and batches, each state checked."""
+    flags = {"max_parallel": max_parallel, "max_parallel_prepare": max_parallel_prepare,
+             "canary": canary}  # fmt: skip
     try:
-        services, strategy = _request(specs, file, {"max_parallel": max_parallel, "canary": canary})
+        services, strategy = _request(specs, file, flags)
     except UserError as e:
         fail(EXIT_BAD_INPUT, "user", e.reason, e.field, as_json=as_json)
 
@@ -245,6 +251,7 @@ def deploy(
     wait: Wait = False,
     as_json: Json = False,
     max_parallel: MaxParallel = None,
+    max_parallel_prepare: MaxParallelPrepare = None,
     canary: Canary = None,
     canary_bake: CanaryBake = None,
     bake: Bake = None,
@@ -258,7 +265,8 @@ def deploy(
 ) -> None:
     """Start a deployment (`--wait` follows it to the end)."""
     flags = {
-        "max_parallel": max_parallel, "canary": canary, "canary_bake": canary_bake,
+        "max_parallel": max_parallel, "max_parallel_prepare": max_parallel_prepare,
+        "canary": canary, "canary_bake": canary_bake,
         "bake": bake, "rollback_scope": rollback_scope, "allow_unavailable": allow_unavailable,
         "prepare_timeout": prepare_timeout, "commit_timeout": commit_timeout,
     }  # fmt: skip

@@ -1019,3 +1019,163 @@ def test_a_vote_for_another_version_than_the_participants_changes_nothing() -> N
         assert (after, actions) == (d, [])
     after, _ = step(d, Voted(key("h1"), True, "", "2.0.0"))
     assert after.participants[key("h1")].phase == "prepared"
+
+
+# --- prepare flow control (issue 9): max_parallel_prepare -----------------------------
+
+
+def in_flight(d: Deployment) -> list[Key]:
+    return [k for k, p in d.participants.items() if p.phase == "preparing"]
+
+
+def timers(actions: list[Action]) -> list[str]:
+    return [a.token for a in actions if isinstance(a, StartTimer)]
+
+
+def test_started_sends_prepare_to_the_first_max_parallel_prepare_in_plan_order() -> None:
+    d = make("h1 h2 | h3 h4 h5", max_parallel_prepare=2, prepare_timeout=7)
+    after, actions = step(d, Started())
+    assert actions == [Send("prepare", keys("h1 h2")), StartTimer("prepare", 7.0)]
+    assert phases(after) == {
+        "h1": "preparing", "h2": "preparing", "h3": "queued", "h4": "queued", "h5": "queued",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limit", "participants", "at_once"),
+    [
+        ("100%", 5, 5),
+        (5, 5, 5),
+        (9, 5, 5),
+        (1, 5, 1),
+        ("40%", 5, 2),
+        ("50%", 3, 1),
+        ("10%", 3, 1),  # at least one
+    ],
+)
+def test_max_parallel_prepare_is_a_count_or_a_share_of_the_participants(
+    limit: int | str, participants: int, at_once: int
+) -> None:
+    d = make(" ".join(f"h{i}" for i in range(participants)), max_parallel_prepare=limit)
+    _, actions = step(d, Started())
+    assert len(sent_to(actions, "prepare")) == at_once
+
+
+@pytest.mark.parametrize("value", [0, -1, "0", "0%", "101%", "half", "5.5"])
+def test_max_parallel_prepare_refuses_what_is_no_count_or_percentage(value: int | str) -> None:
+    with pytest.raises(ValueError, match="max_parallel_prepare"):
+        Strategy(max_parallel_prepare=value)
+
+
+def test_each_yes_vote_sends_the_next_prepare_and_a_full_wave_starts_its_timer() -> None:
+    d, _ = feed(make("h1 h2 | h3 h4 h5", max_parallel_prepare=2, prepare_timeout=7), "started")
+    d, every = run(d, "yes h2", "yes h1", "yes h3", "yes h4", "yes h5")
+    assert [sent_to(a, "prepare") for a in every] == [
+        list(keys("h3")), list(keys("h4")), list(keys("h5")), [], [],
+    ]  # fmt: skip
+    assert [timers(a) for a in every] == [
+        [], ["prepare:1"], ["prepare:2"], [], ["commit:0"],
+    ]  # fmt: skip
+    assert StartTimer("prepare:1", 7.0) in every[1]
+    assert sent_to(every[-1], "commit") == list(keys("h1 h2"))
+    assert d.decision == "commit"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_never_more_prepares_in_flight_than_allowed_and_each_sent_once_in_plan_order(
+    data: st.DataObject,
+) -> None:
+    hosts = data.draw(st.integers(1, 9))
+    limit = data.draw(st.sampled_from([1, 2, 3, "50%", "100%"]))
+    cut = data.draw(st.integers(1, hosts))
+    names = [f"h{i}" for i in range(hosts)]
+    d = make(f"{' '.join(names[:cut])} | {' '.join(names[cut:])}", max_parallel_prepare=limit)
+    size = d.strategy.prepare_size(hosts)
+    d, actions = step(d, Started())
+    sent = sent_to(actions, "prepare")
+    while d.phase == "preparing":
+        assert 0 < len(in_flight(d)) <= size
+        assert len(in_flight(d)) == size or "queued" not in phases(d).values()
+        d, actions = step(d, Voted(data.draw(st.sampled_from(in_flight(d))), True))
+        sent += sent_to(actions, "prepare")
+    assert sent == d.plan_order()
+    assert d.phase == "committing"
+
+
+def test_each_wave_times_out_on_its_own_and_a_silent_host_left_out_frees_its_slot() -> None:
+    d = make("h1 h2 | h3 h4", max_parallel_prepare=2, allow_unavailable=1)
+    d, _ = feed(d, "started", "yes h1")
+    assert phases(d)["h3"] == "preparing"  # h1's slot; wave 1 (h3 h4) not all sent yet
+    d, actions = feed(d, "timer prepare")
+    assert phases(d)["h2"] == "unavailable"
+    assert sent_to(actions, "prepare") == list(keys("h4"))
+    assert timers(actions) == ["prepare:1"]
+    d, actions = feed(d, "yes h3", "yes h4")
+    assert sent_to(actions, "commit") == list(keys("h1"))
+    assert sent_to(actions, "abort") == list(keys("h2"))
+
+
+def test_silent_hosts_beyond_allow_unavailable_are_counted_over_every_wave() -> None:
+    d = make("h1 h2 h3", max_parallel_prepare=1, allow_unavailable=1)
+    d, every = run(d, "started", "timer prepare", "timer prepare:1")
+    assert [sent_to(a, "prepare") for a in every] == [list(keys("h1")), list(keys("h2")), []]
+    assert d.phase == "aborting"
+    assert d.reason == "prepare timed out: no vote from h2"
+    assert sorted(sent_to(every[-1], "abort")) == list(keys("h1 h2"))
+    assert phases(d)["h3"] == "aborted"  # never sent anything
+
+
+@pytest.mark.parametrize(
+    ("history", "token"),
+    [
+        (["yes h1", "yes h2"], "prepare"),  # wave 0 all voted
+        (["yes h1"], "prepare:1"),  # wave 1 (h3 h4) half sent: its timer never started
+        (["yes h1"], "prepare:7"),  # no such wave
+        (["yes h1"], "prepare:x"),  # no prepare timer at all
+    ],
+)
+def test_a_prepare_timer_of_a_wave_with_no_silent_member_sent_changes_nothing(
+    history: list[str], token: str
+) -> None:
+    d, _ = feed(make("h1 h2 | h3 h4", max_parallel_prepare=2), "started", *history)
+    after, actions = step(d, TimedOut(token))
+    assert (after, actions) == (d, [])
+
+
+@pytest.mark.parametrize(
+    ("events", "aborted_to"),
+    [
+        (["started", "yes h1", "no h2 disk full"], "h1 h2 h3"),
+        (["started", "abort!"], "h1 h2"),
+        (["started", "yes h1", "recovered"], "h1 h2 h3"),
+    ],
+)
+def test_abort_goes_to_those_sent_a_prepare_and_the_queued_end_aborted_untold(
+    events: list[str], aborted_to: str
+) -> None:
+    d, every = run(make("h1 h2 | h3 h4 h5", max_parallel_prepare=2), *events)
+    assert d.decision == "abort"
+    assert sorted(sent_to(every[-1], "abort")) == sorted(keys(aborted_to))
+    queued = [k for k in d.plan_order() if k not in keys(aborted_to)]
+    assert all(d.participants[k].phase == "aborted" for k in queued)
+    d, _ = feed(d, *words("abort", aborted_to, "ok"))
+    assert d.phase == "aborted"
+
+
+def test_a_vote_from_a_queued_participant_is_no_vote() -> None:
+    d, _ = feed(make("h1 h2", max_parallel_prepare=1), "started")
+    assert step(d, ev("yes h2")) == (d, [])
+
+
+def test_a_second_started_sends_nothing_again() -> None:
+    d, _ = feed(make("h1 h2 h3", max_parallel_prepare=1), "started", "yes h1")
+    assert step(d, Started()) == (d, [])
+
+
+def test_flow_controlled_prepare_round_trips_through_its_stored_form() -> None:
+    d = make("h1 h2 | h3", max_parallel_prepare="50%")
+    for text in ["started", "yes h1", "timer prepare", "yes h3"]:
+        d, _ = step(from_dict(json.loads(json.dumps(to_dict(d)))), ev(text))
+        assert from_dict(json.loads(json.dumps(to_dict(d)))) == d
+    assert d.strategy.max_parallel_prepare == "50%"

@@ -169,7 +169,8 @@ class Agent:
 
 @st.composite
 def deployments(draw: st.DrawFn) -> Deployment:
-    """A small deployment: 1-3 hosts, 1-2 services, 1-3 batches, random strategy knobs."""
+    """A small deployment: 1-3 hosts, 1-2 services, 1-3 batches, random strategy knobs
+    (prepares all at once, or one or two in flight: `max_parallel_prepare`)."""
     hosts = [f"h{i}" for i in range(1, draw(st.integers(1, 3)) + 1)]
     services = SERVICES[: draw(st.integers(1, 2))]
     participants: list[Participant] = []
@@ -185,6 +186,7 @@ def deployments(draw: st.DrawFn) -> Deployment:
         batches[i % count].append(p)
     strategy = Strategy(
         allow_unavailable=draw(st.integers(0, 1)),
+        max_parallel_prepare=draw(st.sampled_from(["100%", "100%", 1, 2])),
         canary=draw(st.integers(0, 1)),
         canary_bake=draw(st.sampled_from([0.0, 5.0])),
         bake=draw(st.sampled_from([0.0, 60.0])),
