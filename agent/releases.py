@@ -6,11 +6,14 @@
     <state_dir>/services/<name>/logs/<version>.log     the service's stdout/stderr
     <state_dir>/services/<name>/releases/.<version>.manifest.json   what it held
 
-Used by the agent's steps and supervisor; pure filesystem work, no asyncio (hashing a
-release blocks: callers on the event loop use a worker thread). A release is intact
-when its marker file records the artifact and digest it was built from AND its files
-still match the manifest recorded when it was promoted (`agent.manifest`); a release
-without a manifest (promoted by an older agent) is not intact.
+Used by the agent's steps and supervisor; pure filesystem work, no asyncio. Every method
+that touches the disk blocks (removing or hashing a release takes long, a switch
+fsyncs): callers on the event loop run it in a worker thread (`asyncio.to_thread`).
+
+A release is intact when its marker file records the artifact and digest it was built
+from AND its files still match the manifest recorded when it was promoted
+(`agent.manifest`); a release without a manifest (promoted by an older agent) is not
+intact.
 """
 
 from __future__ import annotations

@@ -6,17 +6,22 @@ recorded state, so running a step again after a crash or a duplicate finds the w
 done and answers the same. Effects are recorded before the report is returned.
 
 Commit and revert hold the supervisor's lock of their service, so crash handling never
-restarts a service while a step switches it. A prepare for a rollback reuses the kept
-release dir when it is intact (no download, SPEC 6.3); the commit of such a prepare,
-and every revert, first runs `before_rollback` of the release being left, in that
-release's dir: if it fails, the step fails and the running version is left alone.
+restarts a service while a step switches it. File work (staging, discarding, marking,
+switching `current`, GC) runs in a worker thread, never on the event loop: removing a
+large release must not stall heartbeats or the other services' steps.
+
+A prepare for a rollback reuses the kept release dir when it is intact (no download,
+SPEC 6.3); the commit of such a prepare, and every revert, first runs `before_rollback`
+of the release being left, in that release's dir: if it fails, the step fails and the
+running version is left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from agent import artifacts, driver
 from agent.driver import ProcessRecord
@@ -31,6 +36,7 @@ from shared.specs import ServiceVersion
 
 Command = Prepare | Commit | Abort | Revert
 PROTECTED: tuple[TxnState, ...] = ("preparing", "prepared")
+T = TypeVar("T")
 
 
 class Steps:
@@ -75,7 +81,7 @@ class Steps:
             staged = await self._stage(spec, dep)
             self.sup.render(spec)  # refuses unknown ${...} before voting
         except (PermanentError, OSError) as e:
-            self.releases.discard(spec.name, dep)
+            await asyncio.to_thread(self.releases.discard, spec.name, dep)
             await self.store.put_txn(replace(txn, state="no"))
             logger.warning("prepare.voted", yes=False, reason=str(e))
             return self._vote(cmd, False, str(e))
@@ -88,15 +94,15 @@ class Steps:
         """Stage the artifact unless an intact release is already here; the staged path."""
         if await asyncio.to_thread(self.releases.is_intact, spec):
             return None
-        self.releases.discard(spec.name, deployment_id)
+        await asyncio.to_thread(self.releases.discard, spec.name, deployment_id)
         staged = self.releases.staging_dir(spec.name, deployment_id)
         scratch = self.releases.download_path(spec.name, deployment_id)
-        staged.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(staged.parent.mkdir, parents=True, exist_ok=True)
         limits = artifacts.Limits.of(self.settings)
         await asyncio.to_thread(
             artifacts.fetch, spec.artifact, spec.sha256, staged, scratch, limits
         )
-        self.releases.mark(staged, spec)
+        await asyncio.to_thread(self.releases.mark, staged, spec)
         return str(staged)
 
     def _vote(self, cmd: Prepare, yes: bool, reason: str) -> Vote:
@@ -155,7 +161,7 @@ class Steps:
         switch = await self.store.open_switch(spec.name, dep, kind)
         if switch is None or switch.to_version != spec.version:
             return None
-        if self.releases.current_version(spec.name) != spec.version:
+        if await asyncio.to_thread(self.releases.current_version, spec.name) != spec.version:
             return None
         self._logger(dep, spec.name).info("switch.resumed", switch_id=switch.id, kind=kind)
         return switch
@@ -170,10 +176,9 @@ class Steps:
         """
         name = spec.name
         if resumed is None:
-            previous = self.releases.current_version(name)
+            previous = await asyncio.to_thread(self.releases.current_version, name)
             await self.sup.stop(name)
-            self.releases.switch(name, spec.version)
-            switch_id = await self.store.add_switch(name, previous, spec.version, kind, dep)
+            switch_id = await _to_the_end(self._switch(name, previous, spec.version, kind, dep))
             if kind == "commit":
                 faults.point("agent.switched")
         else:
@@ -194,11 +199,18 @@ class Steps:
         await self.store.settle_switch(switch_id)
         return reason
 
+    async def _switch(
+        self, name: str, previous: str | None, version: str, kind: SwitchKind, dep: str
+    ) -> int:
+        """Switch `current` to `version` (in a thread: it fsyncs) and record the switch."""
+        await asyncio.to_thread(self.releases.switch, name, version)
+        return await self.store.add_switch(name, previous, version, kind, dep)
+
     # --- abort ------------------------------------------------------------------
 
     async def abort(self, cmd: Abort) -> StepResult:
         dep, name = cmd.deployment_id, cmd.service
-        self.releases.discard(name, dep)
+        await asyncio.to_thread(self.releases.discard, name, dep)
         txn = await self.store.txn(dep, name)
         if txn is not None and txn.state in ("preparing", "prepared", "no"):
             await self.store.set_txn_state(dep, name, "aborted")
@@ -210,7 +222,7 @@ class Steps:
     async def revert(self, cmd: Revert) -> StepResult:
         dep, name = cmd.deployment_id, cmd.service
         logger = self._logger(dep, name)
-        self.releases.discard(name, dep)
+        await asyncio.to_thread(self.releases.discard, name, dep)
         try:
             reason = await self._revert(name, cmd.to, dep)
         except (PermanentError, OSError) as e:
@@ -261,9 +273,9 @@ class Steps:
             await self.sup.run_hook(row.spec, "before_rollback")
 
     async def _stop_service(self, name: str, dep: str) -> None:
-        previous = self.releases.current_version(name)
+        previous = await asyncio.to_thread(self.releases.current_version, name)
         await self.sup.stop(name)
-        self.releases.remove_current(name)
+        await asyncio.to_thread(self.releases.remove_current, name)
         await self.store.delete_service(name)
         self.sup.monitor.unwatch(name, "stopped")
         await self.store.add_switch(name, previous, None, "stop", dep)
@@ -279,7 +291,9 @@ class Steps:
         running = await self._running(name)
         if running:
             protect.add(running)
-        removed = self.releases.gc(name, self.settings.keep_releases, protect)
+        removed = await asyncio.to_thread(
+            self.releases.gc, name, self.settings.keep_releases, protect
+        )
         if removed:
             self._logger(None, name).info("releases.removed", versions=removed)
 
@@ -288,3 +302,23 @@ class Steps:
     ) -> StepResult:
         return StepResult(deployment_id=dep, host_id=self.host_id, service=name,
                           step=step, ok=ok, reason=reason, running=running)  # fmt: skip
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the step is cancelled meanwhile (the agent stopping),
+    then let the cancellation through. For switching `current` and recording it: a
+    cancel cannot stop the worker thread that switches, so the record must follow, or
+    the resumed step would not find its switch and would switch again (I5)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
