@@ -251,8 +251,12 @@ def _batches(
     strategy: Strategy,
     canary: int,
 ) -> tuple[tuple[Participant, ...], ...]:
-    """The wave's hosts in batches: a canary batch first if asked, then by max_parallel."""
-    wave_hosts = sorted({h for s in services for h in hosts[s]})
+    """The wave's hosts in batches: a canary batch first if asked, then by max_parallel.
+
+    Linear in the hosts: membership is looked up in a set per service, not a list.
+    """
+    members = {s: frozenset(hosts[s]) for s in services}
+    wave_hosts = sorted(set().union(*members.values()))
     size = strategy.batch_size(len(wave_hosts))
     head = [wave_hosts[:canary]] if canary else []
     rest = wave_hosts[min(canary, len(wave_hosts)) :]
@@ -262,7 +266,7 @@ def _batches(
             Participant(h, s, target[s], _from_version(h, s, current, running))
             for h in group
             for s in services
-            if h in hosts[s]
+            if h in members[s]
         )
         for group in groups
         if group

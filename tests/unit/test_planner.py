@@ -235,6 +235,25 @@ def test_host_running_both_services_switches_both_in_a_synchronized_batch() -> N
     )
 
 
+def test_synchronized_batch_gives_each_host_only_the_services_selecting_it() -> None:
+    web = {"role": "web"}
+    catalog = catalog_of(
+        sv("payments", "1.0.0"),
+        sv("payments", "2.0.0"),
+        sv("orders", "1.0.0", web, payments="<2.0.0"),
+        sv("orders", "2.0.0", web, payments=">=2.0.0"),
+    )
+    agents = [AgentInfo(f"h{i}", {"role": "web" if i % 2 else "db"}) for i in range(1, 7)]
+    result = plan(V1, V2, catalog, agents, Strategy(max_parallel=4))
+    (wave,) = result.waves
+    assert wave.synchronized
+    assert [[(p.host, p.service) for p in batch] for batch in wave.batches] == [
+        [("h1", "orders"), ("h1", "payments"), ("h2", "payments"), ("h3", "orders"),
+         ("h3", "payments"), ("h4", "payments")],
+        [("h5", "orders"), ("h5", "payments"), ("h6", "payments")],
+    ]  # fmt: skip
+
+
 def test_host_running_both_services_appears_in_each_wave() -> None:
     result = plan(V1, V2, UPGRADE, fleet(1), ONE)
     assert [(p.host, p.service) for p in result.participants()] == [
