@@ -267,11 +267,9 @@ class Agent:
 
     # --- reporting ----------------------------------------------------------------
 
-    async def _publish(self, body: Body, observed_at: datetime | None = None) -> None:
-        """Publish a report; `observed_at` stamps when its facts were read (heartbeats)."""
-        stamp = {"sent_at": observed_at} if observed_at is not None else {}
-        envelope = make(body, self.sender, **stamp)
-        await self.broker.publish(topology.REPORTS, topology.REPORTS_KEY, envelope)
+    async def _publish(self, body: Body) -> None:
+        """Publish a report to the coordinator (persistent, confirmed)."""
+        await self.broker.publish(topology.REPORTS, topology.REPORTS_KEY, make(body, self.sender))
 
     async def _report(self, body: Body) -> None:
         """Publish `body`, retrying with backoff while the broker is away."""
@@ -292,7 +290,11 @@ class Agent:
         states = await self._supervisor_or_fail().states()
         body = Heartbeat(host_id=self.host_id, services=states, labels=self.labels,
                          public_key=self.signer.public)  # fmt: skip
-        await self._publish(body, observed_at)
+        envelope = make(body, self.sender, sent_at=observed_at)
+        # Transient, on a queue of its own, gone if not read within three intervals: a
+        # heartbeat is news only while it is fresh, and never waits behind a vote.
+        await self.broker.publish(topology.REPORTS, topology.HEARTBEAT_KEY, envelope,
+                                  ttl=3 * self.settings.heartbeat_interval)  # fmt: skip
 
     def _supervisor_or_fail(self) -> Supervisor:
         if self._supervisor is None:

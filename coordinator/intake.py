@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from coordinator import convergence, machine, views
+from coordinator.liveness import Liveness
 from coordinator.planner import AgentInfo, Plan, plan
 from coordinator.resolver import resolve
 from coordinator.store import Store
@@ -48,8 +49,11 @@ class Request(BaseModel):
 
 
 class Intake:
-    def __init__(self, store: Store, lost_after: float, start: Callable[[str], None]) -> None:
+    def __init__(
+        self, store: Store, liveness: Liveness, lost_after: float, start: Callable[[str], None]
+    ) -> None:
         self.store = store
+        self.liveness = liveness
         self.lost_after = lost_after
         self._start = start
         self._lock = asyncio.Lock()
@@ -141,7 +145,7 @@ class Intake:
     async def _plan(self, request: Request) -> tuple[dict[str, str], Plan, Any]:
         catalog = await self.store.catalog()
         _, current = await self.store.current_release()
-        agent_rows = await self.store.agents()
+        agent_rows = await self.liveness.agents()
         now = time.time()
         running = {a["host_id"]: {s["service"]: s["version"] for s in a["services"]}
                    for a in agent_rows}  # fmt: skip

@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import machine, rollback, triggers, trust, views
 from coordinator.enrollment import Enrollment, Policy
 from coordinator.intake import Intake, Request
-from coordinator.machine import Key
+from coordinator.liveness import Liveness
+from coordinator.runtime import Deployments
 from coordinator.store import Store
 from coordinator.watch import Watch
-from shared import faults, log, metrics, signing, topology
+from shared import log, metrics, signing, topology
 from shared.config import BrokerSettings, CoordinatorSettings
 from shared.errors import BrokerUnavailable, ProtocolError, Refused, UserError
 from shared.messages import (
@@ -43,20 +45,24 @@ from shared.messages import (
     HealthChange,
     Heartbeat,
     Inquiry,
-    Prepare,
     QueryRequest,
     RegisterRequest,
     Reply,
-    Revert,
     RollbackRequest,
     StepResult,
     Vote,
     make,
 )
 from shared.tasks import TaskGroup
-from shared.transport import Broker, Delivery, Unroutable
+from shared.transport import Broker, Delivery
 
 SENDER = "coordinator"
+CONCURRENT = 64
+"""Deliveries handled at once: reports of one deployment that arrive together are then
+applied in one transaction (coordinator.runtime)."""
+IN_ORDER = topology.REQUEST_KINDS | {"alert"}
+"""Kinds handled one at a time in arrival order (queued deployments are FIFO; a burst of
+alerts causes one rollback)."""
 
 
 class Coordinator:
@@ -70,27 +76,35 @@ class Coordinator:
         self.broker = Broker(broker, f"coordinator:{db.name}", signer=signing.Signer(key))
         self._queue_type = broker.agent_queue_type
         self._tasks = TaskGroup("coordinator")
-        self._lock = asyncio.Lock()
         self._log = log.get("coordinator")
+        self._in_order = asyncio.Lock()
         self.store: Store
         self.intake: Intake
         self.enrollment: Enrollment
+        self.deployments: Deployments
+        self.liveness: Liveness
 
     async def start(self) -> None:
         self.store = await Store.open(self.db_path)
-        self.intake = Intake(self.store, self.lost_after, self._begin)
+        self.liveness = Liveness(self.store)
+        self.intake = Intake(self.store, self.liveness, self.lost_after, self._begin)
         self.enrollment = Enrollment(
             self.store, self.broker, self.policy, self._queue_type, self._emit
         )
+        self.deployments = Deployments(
+            self.store, self.broker, self._tasks, self.policy.security.command_ttl,
+            self._emit_deployment, self.intake.start_ready,
+        )  # fmt: skip
         await self.broker.connect()
-        await self.broker.declare(topology.coordinator_queue())
+        await self.broker.declare(topology.coordinator_queue(), topology.heartbeats_queue())
         for row in await self.store.in_flight():
             if row["state"] != "queued":
                 self._log.info("deployment.recovering", deployment_id=row["deployment_id"])
                 await self.drive(row["deployment_id"], machine.Recovered())
         await self.intake.start_ready()
-        await self.broker.consume(topology.COORDINATOR_QUEUE, self.handle)
-        watch = Watch(self.store, self.settings, self.intake, self._emit)
+        await self.broker.consume(topology.COORDINATOR_QUEUE, self.handle, concurrency=CONCURRENT)
+        await self.broker.consume(topology.HEARTBEATS_QUEUE, self.handle, concurrency=CONCURRENT)
+        watch = Watch(self.store, self.liveness, self.settings, self.intake, self._emit)
         self._tasks.spawn(watch.run(), "watch", forever=True)
         self._log.info("coordinator.started", db=str(self.db_path))
 
@@ -116,6 +130,9 @@ class Coordinator:
                 return None
             if kind in topology.REQUEST_KINDS:
                 self._authorize(delivery)
+            if kind in IN_ORDER:
+                async with self._in_order:  # FIFO: handled in the order they arrived
+                    return await self._dispatch(delivery, body)
             return await self._dispatch(delivery, body)
         except UserError as e:
             if not delivery.reply_to:
@@ -132,39 +149,77 @@ class Coordinator:
             raise UserError("user_id", e.reason) from e
 
     async def _dispatch(self, delivery: Delivery, body: Body) -> Body | None:
-        match body:
-            case RegisterRequest():
-                return Reply(ok=True, data={"versions": await self.store.register(body.versions)})
-            case DeployRequest():
-                request = Request(services=body.services, strategy=body.strategy, queue=body.queue,
-                                  requested_by=delivery.user_id or "")  # fmt: skip
-                data = await self.intake.submit(delivery.envelope.id, request, body.dry_run)
-                return Reply(ok=True, data=data)
-            case RollbackRequest():
-                data = await self.rollback(delivery.envelope.id, body,
-                                           requested_by=delivery.user_id or "")  # fmt: skip
-                return Reply(ok=True, data=data)
-            case ControlRequest():
-                return Reply(ok=True, data=await self.control(body))
-            case Inquiry():
-                await self._inquiry(body)
-            case QueryRequest():
-                return Reply(ok=True, data=await self.query(body))
-            case AgentHello() | Heartbeat():
-                await self._agent_report(body, delivery.envelope.sent_at.timestamp())
-            case Vote():
-                key = (body.host_id, body.service)
-                vote = machine.Voted(key, body.yes, body.reason, body.version)
-                await self.drive(body.deployment_id, vote)
-            case StepResult():
-                await self._step_result(body, delivery.envelope.sent_at.timestamp())
-            case HealthChange() | CrashLoop():
-                await self._host_failure(body)
-            case Alert():
-                await self._alert(delivery.envelope.id, body)
-            case _:
-                raise ProtocolError(f"kind: {delivery.envelope.kind} is not for the coordinator")
-        return None
+        """The handler of the body's kind (the table below); its reply, if any."""
+        handler = self._handlers.get(type(body))
+        if handler is None:
+            raise ProtocolError(f"kind: {delivery.envelope.kind} is not for the coordinator")
+        return await handler(delivery)
+
+    @cached_property
+    def _handlers(self) -> dict[type[Body], Callable[[Delivery], Awaitable[Body | None]]]:
+        return {
+            RegisterRequest: self._on_register, DeployRequest: self._on_deploy,
+            RollbackRequest: self._on_rollback, ControlRequest: self._on_control,
+            QueryRequest: self._on_query, Inquiry: self._on_inquiry, AgentHello: self._on_hello,
+            Heartbeat: self._on_heartbeat, Vote: self._on_vote, StepResult: self._on_step,
+            HealthChange: self._on_failure, CrashLoop: self._on_failure, Alert: self._on_alert,
+        }  # fmt: skip
+
+    # --- the handlers: one per kind ----------------------------------------------------
+
+    async def _on_register(self, delivery: Delivery) -> Body:
+        body = _body(delivery, RegisterRequest)
+        return Reply(ok=True, data={"versions": await self.store.register(body.versions)})
+
+    async def _on_deploy(self, delivery: Delivery) -> Body:
+        body = _body(delivery, DeployRequest)
+        request = Request(services=body.services, strategy=body.strategy, queue=body.queue,
+                          requested_by=delivery.user_id or "")  # fmt: skip
+        data = await self.intake.submit(delivery.envelope.id, request, body.dry_run)
+        return Reply(ok=True, data=data)
+
+    async def _on_rollback(self, delivery: Delivery) -> Body:
+        body = _body(delivery, RollbackRequest)
+        data = await self.rollback(delivery.envelope.id, body, requested_by=delivery.user_id or "")
+        return Reply(ok=True, data=data)
+
+    async def _on_control(self, delivery: Delivery) -> Body:
+        return Reply(ok=True, data=await self.control(_body(delivery, ControlRequest)))
+
+    async def _on_query(self, delivery: Delivery) -> Body:
+        return Reply(ok=True, data=await self.query(_body(delivery, QueryRequest)))
+
+    async def _on_inquiry(self, delivery: Delivery) -> None:
+        await self._inquiry(_body(delivery, Inquiry))
+
+    async def _on_hello(self, delivery: Delivery) -> None:
+        body = _body(delivery, AgentHello)
+        services = [s.model_dump() for s in body.services]
+        sent_at = delivery.envelope.sent_at.timestamp()
+        await self.store.agent_seen(body.host_id, services, body.labels, sent_at)
+        self.liveness.forget(body.host_id)
+
+    async def _on_heartbeat(self, delivery: Delivery) -> None:
+        body = _body(delivery, Heartbeat)
+        sent_at = delivery.envelope.sent_at.timestamp()
+        await self.liveness.beat(body.host_id, sent_at, body.services, body.labels)
+
+    async def _on_vote(self, delivery: Delivery) -> None:
+        body = _body(delivery, Vote)
+        vote = machine.Voted((body.host_id, body.service), body.yes, body.reason, body.version)
+        await self.drive(body.deployment_id, vote)
+
+    async def _on_step(self, delivery: Delivery) -> None:
+        body = _body(delivery, StepResult)
+        await self._step_result(body, delivery.envelope.sent_at.timestamp())
+
+    async def _on_failure(self, delivery: Delivery) -> None:
+        body = delivery.envelope.body
+        assert isinstance(body, HealthChange | CrashLoop)
+        await self._host_failure(body)
+
+    async def _on_alert(self, delivery: Delivery) -> None:
+        await self._alert(delivery.envelope.id, _body(delivery, Alert))
 
     async def _step_result(self, body: StepResult, sent_at: float) -> None:
         """What runs after a step, recorded; then the step drives its deployment. A result
@@ -175,15 +230,9 @@ class Coordinator:
             return
         health = "healthy" if body.ok else "unhealthy"
         await self.store.agent_service(body.host_id, body.service, body.running, health, sent_at)
+        self.liveness.forget(body.host_id)
         event = machine.StepDone((body.host_id, body.service), body.step, body.ok, body.reason)
         await self.drive(body.deployment_id, event)
-
-    async def _agent_report(self, body: AgentHello | Heartbeat, sent_at: float) -> None:
-        services = [s.model_dump() for s in body.services]
-        if await self.store.agent_seen(body.host_id, services, body.labels, sent_at):
-            await self._emit(
-                None, "agent.registered", {"host_id": body.host_id, "labels": body.labels}
-            )
 
     # --- requests ---------------------------------------------------------------------
 
@@ -195,7 +244,7 @@ class Coordinator:
                 release_id,
                 services,
                 await self.store.in_flight(),
-                await self.store.agents(),
+                await self.liveness.agents(),
                 now,
                 self.lost_after,
             )
@@ -203,7 +252,7 @@ class Coordinator:
             page = await self.store.deployments(limit=body.limit, before=body.before)
             return views.history(page, await self.store.releases(), body.limit)
         if body.what == "agents":
-            rows = await self.store.agents(approved_only=False)
+            rows = await self.liveness.agents(approved_only=False)
             return views.agents(rows, now, self.lost_after, self.enrollment.heard)
         if body.what == "events":
             return {"events": await self.store.events(body.after)}
@@ -264,8 +313,7 @@ class Coordinator:
 
     async def _inquiry(self, body: Inquiry) -> None:
         """An agent in doubt: send it the decision again (presumed abort if none)."""
-        row = await self.store.deployment(body.deployment_id)
-        state = machine.from_dict(row["machine"]) if row else None
+        state = await self.deployments.state(body.deployment_id)
         answer = triggers.on_inquiry(state, (body.host_id, body.service))
         if answer is None:
             return  # its batch has not come yet: the commit (or abort) will follow
@@ -276,17 +324,15 @@ class Coordinator:
                               version=version)  # fmt: skip
         self._log.info("inquiry.answered", deployment_id=body.deployment_id,
                        host_id=body.host_id, command=body_out.KIND)  # fmt: skip
-        await self._publish_command(body.host_id, body_out)
+        await self.deployments.publish_command(body.host_id, body_out)
 
     # --- automatic rollback triggers (SPEC 6.2) ------------------------------------------
 
     async def _takes_part(self, deployment_id: str, host: str, service: str) -> bool:
         """Whether (host, service) is a participant of the deployment: a report about any
         other changes nothing (SPEC 7)."""
-        row = await self.store.deployment(deployment_id)
-        return row is not None and any(
-            (p["host"], p["service"]) == (host, service) for p in row["machine"]["participants"]
-        )
+        state = await self.deployments.state(deployment_id)
+        return state is not None and (host, service) in state.participants
 
     async def _host_failure(self, body: HealthChange | CrashLoop) -> None:
         agents = await self.store.agents()
@@ -337,113 +383,8 @@ class Coordinator:
     # --- the deployment loop ------------------------------------------------------------
 
     async def drive(self, deployment_id: str, event: machine.Event) -> None:
-        """Apply `event` to a deployment: persist the new state, then act on it."""
-        follow_ups: list[machine.Event] = []
-        async with self._lock:
-            row = await self.store.deployment(deployment_id)
-            if row is None:
-                self._log.warning("deployment.unknown", deployment_id=deployment_id)
-                return
-            before = machine.from_dict(row["machine"])
-            after, actions = machine.step(before, event)
-            if after == before and not actions:
-                return
-            events: list[tuple[str, dict[str, Any]]] = (
-                [] if after.phase == before.phase else [(f"deployment.{after.phase}", {})]
-            )
-            await self.store.save_deployment(machine.to_dict(after), events)
-            _fault_points(before, after)
-            for action in actions:
-                follow_ups += await self._perform(row, after, action)
-            if any(isinstance(a, machine.Send) and a.command == "prepare" for a in actions):
-                faults.point("coordinator.prepare_sent")
-            if after.phase != before.phase:
-                await self._emit_deployment(deployment_id)
-        for follow_up in follow_ups:
-            await self.drive(deployment_id, follow_up)
-
-    async def _perform(
-        self, row: dict[str, Any], d: machine.Deployment, action: machine.Action
-    ) -> list[machine.Event]:
-        match action:
-            case machine.Send():
-                return await self._send(row, d, action)
-            case machine.StartTimer():
-                self._tasks.spawn(self._timer(d.id, action), f"timer:{d.id}:{action.token}")
-            case machine.Finished():
-                metrics.DEPLOYMENTS.labels(action.phase).inc()
-                self._tasks.spawn(self.intake.start_ready(), f"dequeue:{d.id}")
-                self._log.info(
-                    "deployment.finished",
-                    deployment_id=d.id,
-                    state=action.phase,
-                    reason=action.reason,
-                )
-        return []
-
-    async def _timer(self, deployment_id: str, timer: machine.StartTimer) -> None:
-        await asyncio.sleep(timer.seconds)
-        await self.drive(deployment_id, machine.TimedOut(timer.token))
-
-    async def _send(
-        self, row: dict[str, Any], d: machine.Deployment, send: machine.Send
-    ) -> list[machine.Event]:
-        needs_specs = send.command in ("prepare", "revert")  # commit/abort carry no spec
-        catalog = await self.store.catalog() if needs_specs else {}
-        rollback = row["kind"] == "rollback"
-        trusted = {a["host_id"] for a in await self.store.agents()}
-        keys = [key for key in send.keys if key[0] in trusted]
-        failed: list[machine.Event] = []
-        for key in sorted(set(send.keys) - set(keys)):  # its key was revoked meanwhile
-            self._log.warning("command.withheld", deployment_id=d.id, host_id=key[0],
-                              service=key[1], command=send.command)  # fmt: skip
-            if send.command == "prepare":
-                failed.append(machine.Voted(key, False, "the host's key is not approved"))
-        bodies = [self._command(d, send.command, key, catalog, rollback) for key in keys]
-        results = await asyncio.gather(
-            *(self._publish_command(key[0], body) for key, body in zip(keys, bodies, strict=True)),
-            return_exceptions=True,
-        )
-        for key, result in zip(keys, results, strict=True):
-            if isinstance(result, Unroutable | BrokerUnavailable):
-                self._log.warning(
-                    "command.unsent",
-                    deployment_id=d.id,
-                    host_id=key[0],
-                    service=key[1],
-                    command=send.command,
-                    error=str(result),
-                )
-                if send.command == "prepare":
-                    failed.append(machine.Voted(key, False, f"host unreachable: {result}"))
-            elif isinstance(result, BaseException):
-                raise result
-        return failed
-
-    def _command(
-        self, d: machine.Deployment, command: str, key: Key, catalog: dict[Any, Any], rollback: bool
-    ) -> Body:
-        p = d.participants[key]
-        if command == "prepare":
-            spec = catalog[(p.service, p.version)]
-            return Prepare(
-                deployment_id=d.id, spec=spec, from_version=p.from_version, rollback=rollback
-            )
-        if command == "commit":
-            return Commit(deployment_id=d.id, service=p.service, version=p.version)
-        if command == "abort":
-            return Abort(deployment_id=d.id, service=p.service)
-        to = catalog.get((p.service, p.from_version)) if p.from_version else None
-        return Revert(deployment_id=d.id, service=p.service, to=to)
-
-    async def _publish_command(self, host: str, body: Body) -> None:
-        """Sign, address and date `body` for `host` (SPEC 7), and publish it."""
-        now = datetime.now(UTC)
-        expires = now + timedelta(seconds=self.policy.security.command_ttl)
-        envelope = make(body, SENDER, to=host, sent_at=now, expires_at=expires)
-        await self.broker.publish(
-            topology.COMMANDS, topology.host_key(host), envelope, mandatory=True
-        )
+        """Apply `event` to a deployment (coordinator.runtime: persist, then act)."""
+        await self.deployments.drive(deployment_id, event)
 
     # --- events for other systems ---------------------------------------------------------
 
@@ -481,14 +422,6 @@ class Coordinator:
             self._log.warning("event.unpublished", type=kind, error=str(e))
 
 
-def _fault_points(before: machine.Deployment, after: machine.Deployment) -> None:
-    """The named crash points of the fault suite (no-ops unless a test asks)."""
-    if before.decision is None and after.decision == "commit":
-        faults.point("coordinator.decided")
-    if after.phase == "committing" and after.step_index == 1 and before.step_index == 0:
-        faults.point("coordinator.mid_commit")
-
-
 async def serve(
     db: Path, broker: BrokerSettings, settings: CoordinatorSettings, key: Ed25519PrivateKey,
     policy: Policy, metrics_port: int | None = None,
@@ -501,3 +434,13 @@ async def serve(
         await asyncio.Event().wait()
     finally:
         await coordinator.stop()
+
+
+B = TypeVar("B", bound=Body)
+
+
+def _body(delivery: Delivery, kind: type[B]) -> B:
+    """The delivery's body, of the kind its handler was chosen for."""
+    body = delivery.envelope.body
+    assert isinstance(body, kind)
+    return body

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from coordinator.deployment import Participant
 from coordinator.trust import KnownKey
 from shared.errors import UserError
 from shared.specs import ServiceVersion
@@ -34,6 +36,10 @@ CREATE TABLE IF NOT EXISTS deployments (
     started_at REAL NOT NULL, ended_at REAL,
     kind TEXT NOT NULL DEFAULT 'deploy', new_release INTEGER NOT NULL DEFAULT 1,
     requested_by TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS participants (
+    deployment_id TEXT NOT NULL, host TEXT NOT NULL, service TEXT NOT NULL,
+    version TEXT NOT NULL, from_version TEXT, phase TEXT NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (deployment_id, host, service));
 CREATE TABLE IF NOT EXISTS agents (
     host_id TEXT PRIMARY KEY, labels TEXT NOT NULL, services TEXT NOT NULL,
     last_seen REAL NOT NULL, first_seen REAL NOT NULL,
@@ -151,21 +157,63 @@ class Store:
     # --- deployments ----------------------------------------------------------------
 
     async def save_deployment(
-        self, machine: dict[str, Any], events: list[tuple[str, dict[str, Any]]]
+        self,
+        machine: dict[str, Any],
+        events: list[tuple[str, dict[str, Any]]],
+        changed: Sequence[Participant] | None = None,
     ) -> None:
-        """Persist the machine state (and, when it ended, the release outcome) with its events."""
+        """Persist the machine state (and, when it ended, the release outcome) with its
+        events, in one transaction: its header, and the participant rows in `changed`
+        (every one `machine` lists, when None)."""
         phase = machine["phase"]
         ended = time.time() if phase in RELEASE_STATE else None
         await self._db.execute(
             "UPDATE deployments SET machine = ?, state = ?, reason = ?, ended_at = ?, "
             "trigger = CASE WHEN ? != '' THEN ? ELSE trigger END WHERE id = ?",
-            (json.dumps(machine), phase, machine["reason"], ended, machine.get("cause", ""),
+            (_header(machine), phase, machine["reason"], ended, machine.get("cause", ""),
              machine.get("cause", ""), machine["id"]),
         )  # fmt: skip
+        await self._write_participants(machine, changed)
         if ended is not None:
             await self._finish_release(machine["id"], phase)
         await self._add_events(machine["id"], events)
         await self._db.commit()
+
+    async def _write_participants(
+        self, machine: dict[str, Any], changed: Sequence[Participant] | None
+    ) -> None:
+        rows = [vars(p) for p in changed] if changed is not None else machine["participants"]
+        await self._db.executemany(
+            "INSERT INTO participants VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(deployment_id,"
+            " host, service) DO UPDATE SET phase = excluded.phase, reason = excluded.reason",
+            [(machine["id"], r["host"], r["service"], r["version"], r["from_version"],
+              r["phase"], r["reason"]) for r in rows],
+        )  # fmt: skip
+
+    async def _with_participants(self, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`found` with each machine's participants read from their rows (a deployment
+        stored before participants had rows keeps the ones in its machine)."""
+        if not found:
+            return found
+        ids = [d["deployment_id"] for d in found]
+        marks = ", ".join("?" for _ in ids)
+        rows = await self._rows(
+            f"SELECT * FROM participants WHERE deployment_id IN ({marks}) ORDER BY rowid", *ids
+        )
+        by_deployment: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_deployment.setdefault(r["deployment_id"], []).append({
+                "host": r["host"], "service": r["service"], "version": r["version"],
+                "from_version": r["from_version"], "phase": r["phase"], "reason": r["reason"],
+            })  # fmt: skip
+        for d in found:
+            if d["deployment_id"] in by_deployment or "participants" not in d["machine"]:
+                d["machine"]["participants"] = by_deployment.get(d["deployment_id"], [])
+        return found
+
+    async def approved_hosts(self) -> set[str]:
+        rows = await self._rows("SELECT host_id FROM agents WHERE key_state = 'approved'")
+        return {r["host_id"] for r in rows}
 
     async def _finish_release(self, deployment_id: str, phase: str) -> None:
         """Move the fleet pointer and mark releases good or bad as the outcome says."""
@@ -246,7 +294,7 @@ class Store:
                 trigger,
                 json.dumps(target, sort_keys=True),
                 json.dumps({"request": request, "locks": locks}),
-                json.dumps(machine),
+                _header(machine),
                 time.time(),
                 kind,
                 requested_by,
@@ -279,11 +327,12 @@ class Store:
                 machine["phase"],
                 json.dumps(target, sort_keys=True),
                 json.dumps(stored),
-                json.dumps(machine),
+                _header(machine),
                 int(new_release),
                 deployment_id,
             ),
         )
+        await self._write_participants(machine, None)
         await self._add_events(deployment_id, [(f"deployment.{machine['phase']}", {})])
         await self._db.commit()
 
@@ -298,11 +347,11 @@ class Store:
 
     async def deployment(self, deployment_id: str) -> dict[str, Any] | None:
         rows = await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id)
-        return _deployment(rows[0]) if rows else None
+        return (await self._with_participants([_deployment(rows[0])]))[0] if rows else None
 
     async def deployment_by_request(self, request_id: str) -> dict[str, Any] | None:
         rows = await self._rows("SELECT * FROM deployments WHERE request_id = ?", request_id)
-        return _deployment(rows[0]) if rows else None
+        return (await self._with_participants([_deployment(rows[0])]))[0] if rows else None
 
     async def in_flight(self) -> list[dict[str, Any]]:
         """Every deployment not ended, queued ones included, newest first (no cap:
@@ -310,7 +359,7 @@ class Store:
         rows = await self._rows(
             "SELECT * FROM deployments WHERE ended_at IS NULL ORDER BY started_at DESC, rowid DESC"
         )
-        return [_deployment(r) for r in rows]
+        return await self._with_participants([_deployment(r) for r in rows])
 
     async def deployments(self, *, limit: int, before: str | None = None) -> list[dict[str, Any]]:
         """A page of the history, newest first: at most `limit` deployments started before
@@ -334,7 +383,7 @@ class Store:
             "ORDER BY ended_at DESC LIMIT 1",
             release_id,
         )
-        return _deployment(rows[0]) if rows else None
+        return (await self._with_participants([_deployment(rows[0])]))[0] if rows else None
 
     # --- agents -------------------------------------------------------------------
 
@@ -381,6 +430,29 @@ class Store:
         await self._db.execute(
             "UPDATE agents SET services = ?, reported_at = ? WHERE host_id = ?",
             (json.dumps(sorted(services, key=lambda s: s["service"])), sent_at, host_id),
+        )
+        await self._db.commit()
+
+    async def agent_services(
+        self, host_id: str, services: list[dict[str, Any]], labels: dict[str, str] | None,
+        sent_at: float,
+    ) -> bool:  # fmt: skip
+        """Record what a heartbeat sent at `sent_at` says `host_id` runs (and its labels),
+        unless a newer report was applied already; whether it was recorded."""
+        cursor = await self._db.execute(
+            "UPDATE agents SET services = ?, labels = COALESCE(?, labels), reported_at = ?"
+            " WHERE host_id = ? AND reported_at <= ?",
+            (json.dumps(services), None if labels is None else json.dumps(labels), sent_at,
+             host_id, sent_at),
+        )  # fmt: skip
+        await self._db.commit()
+        return cursor.rowcount > 0
+
+    async def set_last_seen(self, seen: dict[str, float]) -> None:
+        """When each host was last heard of, in one transaction (never moving back)."""
+        await self._db.executemany(
+            "UPDATE agents SET last_seen = MAX(last_seen, ?) WHERE host_id = ?",
+            [(at, host) for host, at in seen.items()],
         )
         await self._db.commit()
 
@@ -482,6 +554,11 @@ class Store:
             }
             for r in rows
         ]
+
+
+def _header(machine: dict[str, Any]) -> str:
+    """The machine's JSON without its participants (they have rows of their own)."""
+    return json.dumps({k: v for k, v in machine.items() if k != "participants"})
 
 
 def _deployment(row: aiosqlite.Row) -> dict[str, Any]:

@@ -84,7 +84,8 @@ def agents(
                 ) else "lost",
                 "key_state": a["key_state"],
                 "fingerprint": signing.fingerprint(a["public_key"]) if a["public_key"] else None,
-                "last_seen": _last_seen(a, heard),
+                "last_seen": a["last_seen"],
+                "last_heard": _last_seen(a, heard),
                 "services": a["services"],
             }
             for a in rows
@@ -93,7 +94,8 @@ def agents(
 
 
 def _last_seen(agent: dict[str, Any], heard: dict[str, float]) -> float:
-    """When the agent last reported: believed (stored) or merely heard (not approved)."""
+    """When the agent last reported: believed (stored), or merely heard (a key that is
+    not approved: nothing it says is stored, `last_seen` included)."""
     return max(float(agent["last_seen"]), heard.get(agent["host_id"], 0.0))
 
 

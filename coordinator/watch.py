@@ -21,6 +21,7 @@ from typing import Any
 
 from coordinator import convergence, views
 from coordinator.intake import Intake, Request
+from coordinator.liveness import Liveness
 from coordinator.store import Store
 from shared import log
 from shared.config import CoordinatorSettings
@@ -33,9 +34,11 @@ RETRY_AFTER = 15.0
 
 class Watch:
     def __init__(
-        self, store: Store, settings: CoordinatorSettings, intake: Intake, emit: Emit
-    ) -> None:
+        self, store: Store, liveness: Liveness, settings: CoordinatorSettings, intake: Intake,
+        emit: Emit,
+    ) -> None:  # fmt: skip
         self.store = store
+        self.liveness = liveness
         self.settings = settings
         self.intake = intake
         self._emit = emit
@@ -58,7 +61,8 @@ class Watch:
 
     async def sweep(self) -> None:
         now = time.time()
-        agents = await self.store.agents()
+        await self.liveness.flush()
+        agents = await self.liveness.agents()
         for agent in agents:
             await self._liveness(agent, now)
         release_id, release = await self.store.current_release()

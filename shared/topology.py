@@ -21,8 +21,12 @@ ALERTS = "lockstep.alerts"
 DEAD = "lockstep.dead"
 
 COORDINATOR_QUEUE = "lockstep.coordinator"
+HEARTBEATS_QUEUE = "lockstep.coordinator.heartbeats"
 DEAD_QUEUE = "lockstep.dead"
 REPORTS_KEY = "coordinator"
+HEARTBEAT_KEY = "heartbeat"
+"""Routing key of heartbeats on lockstep.reports: they go to a queue of their own, so
+they never wait behind votes (SPEC 5: transient, with a TTL)."""
 DEAD_KEY = "dead"
 """Routing key on lockstep.reports that leads to lockstep.dead: how an agent, which may
 write only to lockstep.reports, dead-letters a command it refused, with the reason."""
@@ -68,10 +72,12 @@ class Queue:
     """(exchange, routing key) pairs."""
     single_active_consumer: bool = False
     arguments: dict[str, object] = field(default_factory=dict)
+    dead_letters: bool = True
+    """Rejected (and expired) messages go to lockstep.dead."""
 
     def declare_arguments(self) -> dict[str, object]:
         args: dict[str, object] = {"x-queue-type": self.type, **self.arguments}
-        if self.name != DEAD_QUEUE:
+        if self.dead_letters:
             args["x-dead-letter-exchange"] = DEAD
         if self.single_active_consumer:
             args["x-single-active-consumer"] = True
@@ -113,6 +119,16 @@ def coordinator_queue() -> Queue:
     return Queue(COORDINATOR_QUEUE, "quorum", bindings, single_active_consumer=True)
 
 
+def heartbeats_queue() -> Queue:
+    """The coordinator's heartbeat queue: classic (heartbeats are transient), one active
+    consumer like the coordinator's queue, bounded (the oldest dropped first), and
+    expired heartbeats are simply gone, not dead-lettered."""
+    return Queue(
+        HEARTBEATS_QUEUE, "classic", ((REPORTS, HEARTBEAT_KEY),), single_active_consumer=True,
+        arguments={"x-max-length": 100_000, "x-overflow": "drop-head"}, dead_letters=False,
+    )  # fmt: skip
+
+
 def agent_queue(host_id: str, queue_type: QueueType = "quorum") -> Queue:
     """One agent's command queue, bound to its host key only."""
     return Queue(agent_queue_name(host_id), queue_type, ((COMMANDS, host_key(host_id)),))
@@ -120,7 +136,7 @@ def agent_queue(host_id: str, queue_type: QueueType = "quorum") -> Queue:
 
 def dead_queue() -> Queue:
     """Where dead-lettered messages wait for an operator (durable classic)."""
-    return Queue(DEAD_QUEUE, "classic", ((DEAD, ""), (REPORTS, DEAD_KEY)))
+    return Queue(DEAD_QUEUE, "classic", ((DEAD, ""), (REPORTS, DEAD_KEY)), dead_letters=False)
 
 
 # --- broker users per role (SPEC 7) ------------------------------------------------

@@ -244,8 +244,10 @@ class Broker:
         mandatory: bool = False,
         reply_to: str | None = None,
         correlation_id: str | None = None,
+        ttl: float | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm.
+        """Publish and wait for the broker's confirm: persistently, or, with `ttl`, as a
+        transient message the broker drops unconsumed after `ttl` seconds (heartbeats).
 
         Through a broker outage the same envelope is re-sent until it is confirmed or
         `publish_retry` runs out: receivers deduplicate by envelope id.
@@ -253,7 +255,10 @@ class Broker:
         message = aio_pika.Message(
             encode(self._signed(envelope)),
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            if ttl is None
+            else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            expiration=ttl,
             message_id=envelope.id,
             reply_to=reply_to,
             correlation_id=correlation_id,
@@ -315,8 +320,11 @@ class Broker:
 
     # --- consuming --------------------------------------------------------------
 
-    async def consume(self, queue_name: str, handler: Handler) -> None:
-        """Feed a queue to `handler`, one delivery at a time, in order.
+    async def consume(self, queue_name: str, handler: Handler, *, concurrency: int = 1) -> None:
+        """Feed a queue to `handler`, one delivery at a time, in order; with `concurrency`,
+        that many deliveries at once (their handlers run together, each still acked by
+        the one decision point once its own effect is durable: a handler that needs an
+        order keeps it itself).
 
         The queue is declared again on the consuming channel: aio-pika restores only the
         queues a robust channel declared, so this is what brings the consumer back after
@@ -340,24 +348,40 @@ class Broker:
             raise Unroutable(f"there is no queue {queue_name}") from e
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"consuming {queue_name} failed: {e!r}") from e
-        self._tasks.spawn(self._work(inbox, handler), f"consume:{queue_name}", forever=True)
+        work = self._work(inbox, handler, concurrency)
+        self._tasks.spawn(work, f"consume:{queue_name}", forever=True)
 
     def _connection_or_fail(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise BrokerUnavailable("not connected")
         return self._connection
 
-    async def _work(self, inbox: asyncio.Queue[AbstractIncomingMessage], handler: Handler) -> None:
+    async def _work(
+        self, inbox: asyncio.Queue[AbstractIncomingMessage], handler: Handler,
+        concurrency: int = 1,
+    ) -> None:  # fmt: skip
+        slots = asyncio.Semaphore(concurrency)
         while True:
             message = await inbox.get()
-            try:
-                await self._handle(message, handler)
-            except (*_BROKER_ERRORS, BrokerUnavailable, Unroutable) as e:
-                # The reply or ack was lost with the channel: the broker redelivers the
-                # message and handlers are idempotent, so the consumer simply goes on.
-                self._log.warning("consume.ack_lost", error=repr(e))
-            except Exception:  # never let one delivery end the consumer
-                self._log.exception("consume.failed", message_id=message.message_id)
+            await slots.acquire()
+            if concurrency == 1:
+                await self._one(message, handler, slots)
+            else:
+                self._tasks.spawn(self._one(message, handler, slots), "delivery")
+
+    async def _one(
+        self, message: AbstractIncomingMessage, handler: Handler, slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            await self._handle(message, handler)
+        except (*_BROKER_ERRORS, BrokerUnavailable, Unroutable) as e:
+            # The reply or ack was lost with the channel: the broker redelivers the
+            # message and handlers are idempotent, so the consumer simply goes on.
+            self._log.warning("consume.ack_lost", error=repr(e))
+        except Exception:  # never let one delivery end the consumer
+            self._log.exception("consume.failed", message_id=message.message_id)
+        finally:
+            slots.release()
 
     async def _handle(self, message: AbstractIncomingMessage, handler: Handler) -> None:
         try:

@@ -191,7 +191,7 @@ def setup(api: Management, amqp_url: str) -> dict[str, Any]:
     """Declare the topology, create the role users; the document `setup --json` prints."""
     for exchange in topology.EXCHANGES:
         api.declare_exchange(exchange)
-    queues = (topology.dead_queue(), topology.coordinator_queue())
+    queues = (topology.dead_queue(), topology.coordinator_queue(), topology.heartbeats_queue())
     for queue in queues:
         api.declare_queue(queue)
     return {

@@ -33,8 +33,11 @@ class Coordinator:
     reports: list[Envelope] = field(default_factory=list)
 
     async def start(self) -> None:
-        await self.broker.declare(topology.coordinator_queue(), topology.agent_queue(HOST))
+        await self.broker.declare(
+            topology.coordinator_queue(), topology.heartbeats_queue(), topology.agent_queue(HOST)
+        )
         await self.broker.consume(topology.COORDINATOR_QUEUE, self._on_report)
+        await self.broker.consume(topology.HEARTBEATS_QUEUE, self._on_report)
 
     async def _on_report(self, delivery: Delivery) -> None:
         self.reports.append(delivery.envelope)

@@ -40,7 +40,9 @@ async def test_reports_from_pending_rejected_or_revoked_keys_change_nothing_and_
     fleet.start_coordinator()
     for version in ("1.0.0", "2.0.0"):
         fleet.register("payments", version, hosts=PAY)
-    async with tap(amqp_url, topology.REPORTS, topology.REPORTS_KEY) as reports:
+    async with tap(
+        amqp_url, topology.REPORTS, topology.REPORTS_KEY, topology.HEARTBEAT_KEY
+    ) as reports:
         host_a = fleet.add_host("host-a", **PAY)
         pending = await _until(lambda: _enrolled(fleet, "host-a"), 20, "host-a to enroll")
         assert pending["key_state"] == "pending"

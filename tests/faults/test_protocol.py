@@ -223,7 +223,7 @@ async def test_command_delivered_twice_is_refused_as_replayed_and_has_its_effect
     await asyncio.to_thread(baseline, fleet)
     async with (
         tap(amqp_url, topology.COMMANDS, topology.host_key("host-a")) as commands,
-        tap(amqp_url, topology.REPORTS, topology.REPORTS_KEY) as reports,
+        tap(amqp_url, topology.REPORTS, topology.REPORTS_KEY, topology.HEARTBEAT_KEY) as reports,
     ):
         deployment_id = await asyncio.to_thread(_holding, fleet)
         sent = await wait_for(commands, _of(deployment_id, *STEPS), count=2,
@@ -260,7 +260,7 @@ async def test_report_delivered_twice_has_its_effect_once(
     await asyncio.to_thread(baseline, fleet)
     async with (
         tap(amqp_url, topology.COMMANDS) as commands,
-        tap(amqp_url, topology.REPORTS, topology.REPORTS_KEY) as reports,
+        tap(amqp_url, topology.REPORTS, topology.REPORTS_KEY, topology.HEARTBEAT_KEY) as reports,
     ):
         deployment_id = await asyncio.to_thread(_holding, fleet)
         await wait_for(reports, _of(deployment_id, "step.result"), what="the canary's result")
