@@ -502,16 +502,30 @@ class Broker:
         except ProtocolError as e:
             future.set_exception(e)
 
-    async def subscribe(self, exchange: str, keys: list[str], handler: Handler) -> None:
-        """Consume a temporary queue bound to `exchange` with `keys` (events --follow)."""
+    async def subscribe(
+        self,
+        exchange: str,
+        keys: list[str],
+        handler: Handler,
+        on_restored: Callable[[], object] | None = None,
+    ) -> None:
+        """Consume a temporary exclusive queue bound to `exchange` with `keys`.
+
+        The queue is bound when this returns: whatever is published from then on reaches
+        `handler` (`deploy --wait` subscribes before it sends its request). After a
+        reconnect the queue is declared, bound and consumed again, then `on_restored` is
+        called: what was published while it was away is lost.
+        """
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         try:
             channel = await self._connection_or_fail().channel()
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             for key in keys:
                 await queue.bind(exchange, key)
+            await queue.consume(inbox.put)
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(f"cannot subscribe to {exchange}: {e!r}") from e
+        if on_restored is not None:
+            channel.reopen_callbacks.add(lambda _channel: on_restored())
         self._queues.append(queue)
-        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        await queue.consume(inbox.put)
         self._tasks.spawn(self._work(inbox, handler), f"subscribe:{exchange}", forever=True)

@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.cli import render
+from coordinator.cli import follow, render
 from coordinator.cli.broker import broker_app
 from coordinator.cli.client import (
     EXIT_BAD_INPUT,
@@ -52,7 +52,6 @@ app = typer.Typer(
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Wait = Annotated[bool, typer.Option("--wait", help="Follow the deployment to its end.")]
-TERMINAL = {"completed", "aborted", "rolled_back", "failed"}
 
 
 def _run_forever(main: Coroutine[Any, Any, None]) -> None:
@@ -277,27 +276,38 @@ def deploy(
 
     async def go(broker: Broker) -> int:
         body = DeployRequest(services=services, strategy=strategy, queue=not no_queue)
-        return await _follow(broker, await ask(broker, "deploy", body), wait, as_json)
+        return await _follow(broker, "deploy", body, wait, as_json)
 
     call(go, as_json=as_json)
 
 
-async def _follow(broker: Broker, doc: dict[str, Any], wait: bool, as_json: bool) -> int:
-    """Print an accepted deployment; with `wait`, poll it to its end with live progress."""
+async def _follow(
+    broker: Broker, key: str, body: DeployRequest | RollbackRequest, wait: bool, as_json: bool
+) -> int:
+    """Send a deploy or rollback request and print the accepted deployment; with `wait`,
+    follow its events to the end with a line per phase change (follow.py)."""
     if not wait:
-        emit(doc, as_json, render.deployment)
+        emit(await ask(broker, key, body), as_json, render.deployment)
         return EXIT_OK
-    last = ""
-    while doc["state"] not in TERMINAL:
-        line = render.progress(doc)
-        if line != last and not as_json:
-            typer.echo(line)
-            last = line
-        await asyncio.sleep(0.2)
-        query = QueryRequest(what="deployment", deployment_id=doc["deployment_id"])
-        doc = await ask(broker, "query", query)
+    subscription = await follow.Subscription.open(broker)  # before the request: none missed
+    doc = await ask(broker, key, body)
+    doc = await follow.to_the_end(broker, subscription, doc, _progress_printer(as_json))
     emit(doc, as_json, render.deployment)
     return EXIT_OK if doc["state"] == "completed" else EXIT_NOT_REACHED
+
+
+def _progress_printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
+    """Prints `render.progress` of each state it is shown, when the line changed (with
+    `--json`, nothing: stdout holds the one document)."""
+    last = [""]
+
+    def show(doc: dict[str, Any]) -> None:
+        line = render.progress(doc)
+        if line != last[0] and not as_json:
+            typer.echo(line)
+            last[0] = line
+
+    return show
 
 
 @app.command()
@@ -317,7 +327,7 @@ def rollback(
     body = RollbackRequest(to=to, services=service or [], force=force)
 
     async def go(broker: Broker) -> int:
-        return await _follow(broker, await ask(broker, "rollback", body), wait, as_json)
+        return await _follow(broker, "rollback", body, wait, as_json)
 
     call(go, as_json=as_json)
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, get_args
+
+from coordinator.machine import PPhase
+
+_PHASE_ORDER = {phase: i for i, phase in enumerate(get_args(PPhase))}
 
 
 def _ago(ts: float | None) -> str:
@@ -56,8 +61,14 @@ def deployment(doc: dict[str, Any]) -> str:
 
 
 def progress(doc: dict[str, Any]) -> str:
-    states = ", ".join(f"{p['host']}/{p['service']}={p['state']}" for p in doc["participants"])
-    return f"[{doc['state']}] {states}"
+    """One line per phase of a deployment followed by `--wait`: how many participants are
+    in each state, in protocol order, as wide for 2,000 hosts as for 2
+    (`3f2a9c0d1b2e committing: 28/40 prepared, 12/40 committed`)."""
+    total = len(doc["participants"])
+    counts = Counter(p["state"] for p in doc["participants"])
+    order = sorted(counts, key=lambda s: (_PHASE_ORDER.get(s, len(_PHASE_ORDER)), s))
+    states = ", ".join(f"{counts[s]}/{total} {s}" for s in order) or "no participants"
+    return f"{doc['deployment_id']} {doc['state']}: {states}"
 
 
 def status(doc: dict[str, Any]) -> str:
