@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from tests.perf import procstat
 from tests.perf.fleetworker import LABELS
 from tests.perf.floor import Gatherer
 from tests.perf.observe import Backlog, Events, Seen
+from tests.perf.workers import Workers
 from tests.perf.workspace import Workspace
 
 SOURCE = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ class Bench:
         self.row: dict[str, Any] = {"agents": n, "queue_type": args.queue_type,
                                     "workers": args.workers, "runs_requested": args.runs}  # fmt: skip
         self.events = Events()
-        self.workers: list[asyncio.subprocess.Process] = []
+        self.workers = Workers(ws, SOURCE)
         self.floor_up = False
         self.floor_before: list[float] = []
         self.floor_fanout: list[float] = []
@@ -85,59 +85,6 @@ class Bench:
                    "from coordinator.cli.main import app; app()", *flags]  # fmt: skip
         return self.ws.start(command, dict(env, PYTHONPATH=str(source)), "coordinator.log")
 
-    async def start_workers(self, env: dict[str, str]) -> None:
-        k = max(1, min(self.args.workers, self.n))
-        share = -(-self.n // k)
-        for index in range(k):
-            config = {"index": index, "hosts": self.hosts[index * share:(index + 1) * share],
-                      "amqp_url": self.amqp_url, "state_root": str(self.ws.state),
-                      "queue_type": self.args.queue_type, "nice": self.args.nice,
-                      "per_connection": self.args.agents_per_connection,
-                      "coordinator_pub": env["LOCKSTEP_COORDINATOR_KEY"]}  # fmt: skip
-            log = (self.ws.root / f"worker-{index}.log").open("ab")
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.perf.fleetworker", json.dumps(config), env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-                cwd=SOURCE,
-            )  # fmt: skip
-            log.close()
-            self.ws.track(proc.pid)
-            self.workers.append(proc)
-        await self.tell("", "connected", 60)
-
-    async def tell(self, command: str, expect: str, timeout: float) -> list[dict[str, Any]]:
-        """Send `command` to every worker; each one's answer (`expect`) within `timeout`."""
-        for proc in self.workers:
-            if command:
-                assert proc.stdin is not None
-                proc.stdin.write(f"{command}\n".encode())
-                await proc.stdin.drain()
-
-        async def answer(proc: asyncio.subprocess.Process) -> dict[str, Any]:
-            assert proc.stdout is not None
-            line = await proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a worker exited (see {self.ws.root}/worker-*.log)")
-            doc: dict[str, Any] = json.loads(line)
-            if doc.get("event") != expect:
-                raise RuntimeError(f"a worker answered {doc}, not {expect}")
-            return doc
-
-        return list(await asyncio.wait_for(
-            asyncio.gather(*(answer(p) for p in self.workers)), timeout
-        ))  # fmt: skip
-
-    async def stop_workers(self) -> None:
-        for proc in self.workers:
-            if proc.returncode is None and proc.stdin is not None:
-                proc.stdin.write(b"stop\n")
-        for proc in self.workers:
-            try:
-                await asyncio.wait_for(proc.wait(), 60)
-            except TimeoutError:
-                proc.send_signal(signal.SIGKILL)
-                await proc.wait()
-
     # --- the run ------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -151,7 +98,12 @@ class Bench:
         self.backlog = Backlog(raw)
         try:
             await self._ask("query", QueryRequest(what="status"), 60, retry=True)
-            await self.start_workers(env)
+            await self.workers.start(
+                self.hosts, self.args.workers, env, amqp_url=self.amqp_url,
+                state_root=str(self.ws.state), queue_type=self.args.queue_type,
+                nice=self.args.nice, per_connection=self.args.agents_per_connection,
+                coordinator_pub=env["LOCKSTEP_COORDINATOR_KEY"],
+            )  # fmt: skip
             await self.measure_floor(raw)
             await self.events.subscribe(self.broker)
             await self.start_agents()
@@ -167,7 +119,7 @@ class Bench:
             self.row["load_end"] = procstat.load()
             self.summarise()
             await self.backlog.stop()
-            await self.stop_workers()
+            await self.workers.stop()
             await self.broker.close()
             await raw.close()
         return self.row
@@ -192,7 +144,7 @@ class Bench:
         (`--floor interleaved`), so both see the same background load."""
         self.gatherer = Gatherer(raw)
         await self.gatherer.setup()
-        await self.tell("floor", "floor_ready", 120 + self.n / 10)
+        await self.workers.tell("floor", "floor_ready", 120 + self.n / 10)
         self.floor_up = True
         self.say("measuring the floor")
         await self.gatherer.scatter_gather(self.hosts, False, 120)  # warm-up
@@ -207,7 +159,7 @@ class Bench:
     async def stop_floor(self) -> None:
         if self.floor_up:
             self.floor_up = False
-            await self.tell("floor_stop", "floor_stopped", 120 + self.n / 10)
+            await self.workers.tell("floor_stop", "floor_stopped", 120 + self.n / 10)
             await self.gatherer.teardown()
 
     async def start_agents(self) -> None:
@@ -222,7 +174,7 @@ class Bench:
         started = time.monotonic()
         for host in self.hosts:
             await self.broker.declare_queue(topology.agent_queue(host, self.args.queue_type))
-        answers = await self.tell("agents", "agents_started", self.args.alive_timeout)
+        answers = await self.workers.tell("agents", "agents_started", self.args.alive_timeout)
         self.row["agents_failed"] = sum(a["failed"] for a in answers)
         deadline = started + self.args.alive_timeout
         alive = 0
@@ -353,9 +305,7 @@ class Bench:
         )
         row["runs_completed"] = len(rollbacks)
         row["backlog_peak"] = max((r.get("backlog_peak", 0) for r in runs), default=0)
-        logs = self.ws.root.glob("worker-*.log")
-        row["connection_drops"] = sum(p.read_text().count("Unexpected connection close")
-                                      for p in logs)  # fmt: skip
+        row["connection_drops"] = self.workers.log_count("Unexpected connection close")
         since = getattr(self, "measured_from", None)
         row["agent_lost_events"] = self.events.count("agent.lost", since) if since else None
         try:
