@@ -162,7 +162,7 @@ async def test_a_deploy_request_published_to_lockstep_alerts_starts_nothing_and_
                             version="1.0.0", yes=True), "agent:host-a"))  # fmt: skip
     sent = [
         (topology.ALERTS, "orders.critical", deploy, "wrong_exchange"),
-        (topology.ALERTS, "orders.critical", bare, ""),
+        (topology.ALERTS, "orders.critical", bare, "service: Field required"),
         (topology.REPORTS, topology.REPORTS_KEY, deploy, "wrong_exchange"),
         (topology.REQUESTS, "deploy", vote, "wrong_exchange"),
     ]
