@@ -71,6 +71,11 @@ class CoordinatorSettings(BaseSettings):
     alert_min_severity: Literal["info", "warning", "error", "critical"] = "critical"
     """Alerts below this severity are recorded and ignored."""
 
+    @property
+    def lost_after(self) -> float:
+        """Seconds of silence after which a host is lost."""
+        return self.heartbeat_interval * self.lost_after_missed
+
 
 class AgentSettings(BaseSettings):
     """The agent's behaviour on its host."""
