@@ -57,13 +57,18 @@ class SecuritySettings(BaseSettings):
     (labs, tests: the broker then cannot stop one agent posing as another)."""
 
 
-class CoordinatorSettings(BaseSettings):
-    """The coordinator's protocol timers."""
+class HeartbeatSettings(BaseSettings):
+    """The heartbeat period, the one timer both sides must agree on (base of the two below)."""
 
     model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
 
     heartbeat_interval: Duration = 2.0
-    """How often agents are expected to report (must match the agents' setting)."""
+    """How often agents report what they run (LOCKSTEP_HEARTBEAT_INTERVAL, same on both sides)."""
+
+
+class CoordinatorSettings(HeartbeatSettings):
+    """The coordinator's protocol timers."""
+
     lost_after_missed: int = Field(default=3, ge=1)
     """Missed heartbeats after which an agent counts as lost."""
     auto_rollback_window: Duration = 900.0
@@ -77,13 +82,9 @@ class CoordinatorSettings(BaseSettings):
         return self.heartbeat_interval * self.lost_after_missed
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(HeartbeatSettings):
     """The agent's behaviour on its host."""
 
-    model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
-
-    heartbeat_interval: Duration = 2.0
-    """How often the agent reports what it runs."""
     keep_releases: int = Field(default=5, ge=1)
     """Release dirs kept per service (never the running or a prepared one)."""
     stop_grace: Duration = 10.0
