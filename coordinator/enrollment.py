@@ -58,13 +58,24 @@ class Enrollment:
         """When a host whose key is not approved last reported (memory only: shown by
         `lockstep agents`, believed by nothing)."""
         self._mismatches: set[tuple[str, str]] = set()
+        self._keys: dict[str, trust.KnownKey] = {}
+        """The store's enrolled keys, read once per host: every change to them goes
+        through this object, so no report costs a query."""
         self._log = log.get("enrollment")
+
+    async def _known(self, host: str) -> trust.KnownKey | None:
+        known = self._keys.get(host)
+        if known is None:
+            known = await self.store.known_key(host)
+            if known is not None:
+                self._keys[host] = known
+        return known
 
     async def admit(self, delivery: Delivery) -> bool:
         """Whether to act on this report; `Refused` if it must be dead-lettered."""
         envelope = delivery.envelope
         host = str(getattr(envelope.body, "host_id", ""))
-        known = await self.store.known_key(host)
+        known = await self._known(host)
         try:
             verdict = trust.admit(
                 envelope, known, delivery.user_id,
@@ -91,6 +102,7 @@ class Enrollment:
         labels = body.labels if isinstance(body, AgentHello | Heartbeat) else None
         state: trust.KeyState = "approved" if self.policy.auto_approve else "pending"
         await self.store.enroll(host, public_key, labels or {}, state)
+        self._keys.pop(host, None)  # a row from before keys keeps its first one: re-read
         await self._declare(host)
         self._log.info("agent.enrolled", host_id=host, key_state=state,
                        fingerprint=signing.fingerprint(public_key))  # fmt: skip
@@ -117,11 +129,12 @@ class Enrollment:
 
     async def control(self, action: str, host: str | None) -> dict[str, Any]:
         """approve, reject, revoke or remove `host`'s key; its new state."""
-        held = await self.store.known_key(host or "")
+        held = await self._known(host or "")
         if host is None or held is None:
             raise UserError("HOST", f"no agent {host!r} has enrolled")
         if action == "remove":
             await self.store.remove_agent(host)
+            self._keys.pop(host, None)
             self._declared.discard(host)
             await self._emit(None, "agent.removed", {"host_id": host})
             return {"host_id": host, "key_state": None}
@@ -130,6 +143,7 @@ class Enrollment:
         except ValueError as e:
             raise UserError("HOST", f"{host}: {e}") from e
         await self.store.set_key_state(host, state)
+        self._keys.pop(host, None)
         self._mismatches = {m for m in self._mismatches if m[0] != host}
         doc = {"host_id": host, "key_state": state,
                "fingerprint": signing.fingerprint(held.public_key)}  # fmt: skip

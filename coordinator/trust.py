@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -102,9 +103,15 @@ def announced_key(envelope: Envelope) -> str | None:
 
 def _public(text: str) -> Ed25519PublicKey:
     try:
-        return signing.public_from_text(text)
+        return _parsed(text)
     except ValueError as e:
         raise Refused("bad_signature", str(e)) from e
+
+
+@lru_cache(maxsize=16_384)
+def _parsed(text: str) -> Ed25519PublicKey:
+    """A public key parsed once (every report of a host is checked with the same key)."""
+    return signing.public_from_text(text)
 
 
 def authorize(user_id: str | None, operators: Collection[str]) -> None:
