@@ -7,8 +7,9 @@ coordinator/machine.py, which re-exports these names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from shared.specs import Strategy
@@ -65,28 +66,53 @@ class Deployment:
     """Why compensation started: health, crash_loop or alert (the automatic trigger)."""
     paused: bool = False
     """An operator paused the rollout: no further batch starts until resumed."""
+    counts: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    """How many participants are in each phase (derived: kept up to date by
+    `with_participants`, so the machine never scans all of them per event)."""
+    order: tuple[Key, ...] = field(default=(), compare=False, repr=False)
+    """Every participant in commit order (derived from `steps`)."""
+
+    def __post_init__(self) -> None:
+        if not self.counts and self.participants:
+            object.__setattr__(self, "counts", Counter(p.phase for p in self.participants.values()))
+        if not self.order and self.steps:
+            object.__setattr__(self, "order", tuple(k for step in self.steps for k in step))
 
     @property
     def done(self) -> bool:
         return self.phase in TERMINAL
 
     def with_participant(self, key: Key, **changes: str) -> Deployment:
-        participants = dict(self.participants)
-        participants[key] = replace(participants[key], **changes)  # type: ignore[arg-type]
-        return replace(self, participants=participants)
+        return self.with_participants((key,), **changes)
 
     def with_participants(self, keys: Iterable[Key], **changes: str) -> Deployment:
-        """`with_participant` for every key of `keys`, copying the map once."""
+        """The deployment with `changes` made to the participants `keys` (the map and
+        the phase counts are copied once)."""
         participants = dict(self.participants)
+        counts = Counter(self.counts)
         for key in keys:
-            participants[key] = replace(participants[key], **changes)  # type: ignore[arg-type]
-        return replace(self, participants=participants)
+            old = participants[key]
+            participants[key] = new = replace(old, **changes)  # type: ignore[arg-type]
+            counts[old.phase] -= 1
+            counts[new.phase] += 1
+        return replace(self, participants=participants, counts=counts)
+
+    def with_steps(self, steps: tuple[tuple[Key, ...], ...], **changes: Any) -> Deployment:
+        """The deployment with new commit batches (and `changes`)."""
+        order = tuple(k for step in steps for k in step)
+        return replace(self, steps=steps, order=order, **changes)
 
     def plan_order(self) -> list[Key]:
         """Every participant in commit order: batches in turn (how prepares go out)."""
-        return [key for step in self.steps for key in step]
+        return list(self.order)
+
+    def count(self, *phases: str) -> int:
+        """How many participants are in one of `phases`."""
+        return sum(self.counts.get(phase, 0) for phase in phases)
 
     def in_phase(self, *phases: str) -> list[Key]:
+        if not self.count(*phases):
+            return []
         return [k for k, p in self.participants.items() if p.phase in phases]
 
 

@@ -26,7 +26,6 @@ and a phase with every prepare in flight at once keeps its one `prepare` timer.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import replace
 
 from coordinator.deployment import (
@@ -164,9 +163,9 @@ def _control(d: Deployment, action: str) -> tuple[Deployment, list[Action]]:
 def _start(d: Deployment) -> tuple[Deployment, list[Action]]:
     if not d.participants:
         return _finish(d, "completed", "nothing to change")
-    if d.phase != "preparing" or any(p.phase != "preparing" for p in d.participants.values()):
+    if d.phase != "preparing" or d.count("preparing") != len(d.participants):
         return d, []  # started before: a second Started sends nothing again
-    order = d.plan_order()
+    order = d.order
     size = d.strategy.prepare_size(len(order))
     if len(order) > size:
         d = d.with_participants(order[size:], phase="queued")
@@ -191,15 +190,14 @@ def _admit(d: Deployment, slots: int) -> tuple[Deployment, list[Action]]:
     """Send prepare to the next `slots` queued participants; decide once none is left.
 
     Queued participants are a suffix of the plan order (they are admitted in order), so
-    the first of them is found by bisection, and only when the last one is queued.
+    the first of them is found by counting them.
     """
-    last = next((step[-1] for step in reversed(d.steps) if step), None)
-    if last is None or d.participants[last].phase != "queued":
-        if d.in_phase("preparing"):
+    if not d.count("queued"):
+        if d.count("preparing"):
             return d, []
         return _commit_first(d)
-    order = d.plan_order()
-    start = bisect_left(order, True, key=lambda k: d.participants[k].phase == "queued")
+    order = d.order
+    start = len(order) - d.count("queued")
     keys = order[start : start + slots]
     d = d.with_participants(keys, phase="preparing")
     return d, [Send("prepare", tuple(keys)), *_prepare_timers(d, start, start + len(keys))]
@@ -232,7 +230,7 @@ def _commit_first(d: Deployment) -> tuple[Deployment, list[Action]]:
     steps = tuple(s for s in (_live(d, step) for step in d.steps) if s)
     if not steps:
         return _abort(d, "no participant is available")
-    d = replace(d, decision="commit", phase="committing", steps=steps, step_index=0)
+    d = d.with_steps(steps, decision="commit", phase="committing", step_index=0)
     d, actions = (replace(d, phase="paused"), []) if d.paused else _send_step(d)
     left_out = tuple(d.in_phase("unavailable"))
     return d, ([Send("abort", left_out)] if left_out else []) + actions
@@ -244,9 +242,7 @@ def _live(d: Deployment, keys: tuple[Key, ...]) -> tuple[Key, ...]:
 
 def _send_step(d: Deployment) -> tuple[Deployment, list[Action]]:
     keys = d.steps[d.step_index]
-    for key in keys:
-        d = d.with_participant(key, phase="committing")
-    d = replace(d, phase="committing")
+    d = replace(d.with_participants(keys, phase="committing"), phase="committing")
     token = f"commit:{d.step_index}"
     return d, [Send("commit", keys), StartTimer(token, d.strategy.commit_timeout)]
 
@@ -281,13 +277,13 @@ def _step_done(d: Deployment, e: StepDone) -> tuple[Deployment, list[Action]]:
         return _after_revert_result(d)
     if e.step == "abort" and p.phase == "aborting":
         d = d.with_participant(e.key, phase="aborted")
-        if d.phase == "aborting" and not d.in_phase("aborting"):
+        if d.phase == "aborting" and not d.count("aborting"):
             return _finish(d, "aborted", d.reason)
     return d, []
 
 
 def _after_commit_result(d: Deployment) -> tuple[Deployment, list[Action]]:
-    if any(d.participants[k].phase == "committing" for k in d.steps[d.step_index]):
+    if d.count("committing"):  # only the batch in flight can be committing
         return d, []
     if d.failing:
         return _compensate(d, d.reason)
@@ -317,8 +313,7 @@ def _compensate(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
             order.append(tuple(k for k in keys if d.rank.get(k[1], 0) == rank))
     untouched = tuple(d.in_phase("prepared"))
     actions: list[Action] = [Send("abort", untouched)] if untouched else []
-    for key in untouched:
-        d = d.with_participant(key, phase="aborting")
+    d = d.with_participants(untouched, phase="aborting")
     d = replace(d, phase="reverting", reason=reason, revert_steps=tuple(order), revert_index=0)
     if not order:
         d, done = _finish(d, "rolled_back", reason)
@@ -332,14 +327,13 @@ _SWITCHED = ("committing", "committed", "commit_failed")
 
 def _send_revert(d: Deployment) -> tuple[Deployment, list[Action]]:
     keys = d.revert_steps[d.revert_index]
-    for key in keys:
-        d = d.with_participant(key, phase="reverting")
+    d = d.with_participants(keys, phase="reverting")
     token = f"revert:{d.revert_index}"
     return d, [Send("revert", keys), StartTimer(token, d.strategy.commit_timeout)]
 
 
 def _after_revert_result(d: Deployment) -> tuple[Deployment, list[Action]]:
-    if any(d.participants[k].phase == "reverting" for k in d.revert_steps[d.revert_index]):
+    if d.count("reverting"):  # only the revert batch in flight can be reverting
         return d, []
     if d.revert_index + 1 < len(d.revert_steps):
         return _send_revert(replace(d, revert_index=d.revert_index + 1))
@@ -361,27 +355,22 @@ def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
     if token == f"hold:{d.step_index}" and d.phase == "holding":
         return (replace(d, phase="paused"), []) if d.paused else _send_step(d)
     if token == f"commit:{d.step_index}" and d.phase == "committing":
-        for key in d.steps[d.step_index]:
-            if d.participants[key].phase == "committing":
-                d = d.with_participant(
-                    key, phase="commit_failed", reason="no commit result in time"
-                )
+        silent = [k for k in d.steps[d.step_index] if d.participants[k].phase == "committing"]
+        d = d.with_participants(silent, phase="commit_failed", reason="no commit result in time")
         if not d.failing:
             d = replace(d, failing=True, reason="commit timed out", cause="health")
         return _compensate(d, d.reason)
     if token == f"revert:{d.revert_index}" and d.phase == "reverting":
-        for key in d.revert_steps[d.revert_index]:
-            if d.participants[key].phase == "reverting":
-                d = d.with_participant(
-                    key, phase="revert_failed", reason="no revert result in time"
-                )
+        keys = d.revert_steps[d.revert_index]
+        silent = [k for k in keys if d.participants[k].phase == "reverting"]
+        d = d.with_participants(silent, phase="revert_failed", reason="no revert result in time")
         return _after_revert_result(d)
     return d, []
 
 
 def _prepare_deadline(d: Deployment, wave: int) -> tuple[Deployment, list[Action]]:
     """Wave `wave` had its `prepare_timeout`: its silent members are late."""
-    order = d.plan_order()
+    order = d.order
     size = d.strategy.prepare_size(len(order))
     members = order[wave * size : (wave + 1) * size]
     silent = [k for k in members if d.participants[k].phase == "preparing"]
