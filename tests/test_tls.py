@@ -19,6 +19,7 @@ from shared.config import BrokerSettings
 from shared.errors import BrokerUnavailable, UserError
 from shared.messages import QueryRequest, Reply
 from shared.transport import Broker, Delivery
+from shared.transport.connection import ssl_context
 from tests.support.tlsbroker import CertAuthority, Issued, Node, rabbit_node, tls_listener
 
 _REFUSED = "(?i)reset|alert|certificate"
@@ -142,7 +143,7 @@ def issued(tmp_path: Path) -> tuple[CertAuthority, Issued]:
 
 def _context(url: str, **tls: str) -> ssl.SSLContext | None:
     settings = BrokerSettings.model_validate({"amqp_url": url, **tls})
-    return Broker(settings, "test")._ssl_context()
+    return ssl_context(settings)
 
 
 def test_amqps_verifies_the_peer_and_its_host_name(issued: tuple[CertAuthority, Issued]) -> None:
