@@ -10,10 +10,11 @@ when no order does, the changed services switch together in one synchronized wav
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from coordinator.deployment import Participant
 from coordinator.resolver import Catalog, check, spec_of
 from shared.errors import UserError
 from shared.specs import Strategy
@@ -29,16 +30,6 @@ class AgentInfo:
     host_id: str
     labels: Mapping[str, str]
     alive: bool = True
-
-
-@dataclass(frozen=True)
-class Participant:
-    """One (host, service) pair a deployment touches."""
-
-    host: str
-    service: str
-    version: str
-    from_version: str | None
 
 
 @dataclass(frozen=True)
@@ -81,8 +72,13 @@ def _wave_dict(wave: Wave) -> dict[str, Any]:
         "services": list(wave.services),
         "synchronized": wave.synchronized,
         "state_after": dict(wave.state_after),
-        "batches": [[asdict(p) for p in batch] for batch in wave.batches],
+        "batches": [[_participant_dict(p) for p in batch] for batch in wave.batches],
     }
+
+
+def _participant_dict(p: Participant) -> dict[str, Any]:
+    return {"host": p.host, "service": p.service, "version": p.version,
+            "from_version": p.from_version}  # fmt: skip
 
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
