@@ -16,7 +16,8 @@ from typing import Any
 
 import aiosqlite
 
-from coordinator.deployment import Participant
+from coordinator import outcome
+from coordinator.deployment import TERMINAL, Participant
 from coordinator.trust import KnownKey
 from shared.errors import UserError
 from shared.specs import ServiceVersion
@@ -59,8 +60,6 @@ _ADDED_COLUMNS = {
     "deployments": (("requested_by", "TEXT NOT NULL DEFAULT ''"),),
 }
 """Columns added after a table first shipped: added to an older database on open."""
-
-RELEASE_STATE = {"completed": "good", "aborted": "aborted", "rolled_back": "bad", "failed": "bad"}
 
 
 def digest(spec: ServiceVersion) -> str:
@@ -166,7 +165,7 @@ class Store:
         events, in one transaction: its header, and the participant rows in `changed`
         (every one `machine` lists, when None)."""
         phase = machine["phase"]
-        ended = time.time() if phase in RELEASE_STATE else None
+        ended = time.time() if phase in TERMINAL else None
         await self._db.execute(
             "UPDATE deployments SET machine = ?, state = ?, reason = ?, ended_at = ?, "
             "trigger = CASE WHEN ? != '' THEN ? ELSE trigger END WHERE id = ?",
@@ -216,48 +215,41 @@ class Store:
         return {r["host_id"] for r in rows}
 
     async def _finish_release(self, deployment_id: str, phase: str) -> None:
-        """Move the fleet pointer and mark releases good or bad as the outcome says."""
+        """Carry out what `coordinator.outcome` decides for a deployment that ended."""
         row = (await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id))[0]
         release_id, from_id = row["release_id"], row["from_release_id"]
-        if row["new_release"]:
-            await self._set_release_state(release_id, RELEASE_STATE[phase])
-        if phase != "completed" or release_id is None or row["kind"] == "converge":
-            return
         current_id, current = await self.current_release()
-        if row["new_release"] and current_id != from_id:
-            release_id = await self._merge(deployment_id, release_id, from_id, current)
+        decided = outcome.decide(
+            outcome.Ended(phase=phase, kind=row["kind"], new_release=bool(row["new_release"]),
+                          release_id=release_id, from_release_id=from_id,
+                          current_release_id=current_id)
+        )  # fmt: skip
+        if decided.release_state is not None:
+            await self._set_release_state(release_id, decided.release_state)
+        if decided.fleet_to is None:
+            return
+        fleet_to = decided.fleet_to
+        if decided.merge:
+            mine = await self._release_services(release_id)
+            base = {} if from_id is None else await self._release_services(from_id)
+            merged = outcome.merge(current, mine, base)
+            if merged is not None:
+                fleet_to = await self._add_release(merged, "good", deployment_id)
+                await self._db.execute(
+                    "UPDATE deployments SET release_id = ? WHERE id = ?", (fleet_to, deployment_id)
+                )
         await self._db.execute(
             "INSERT INTO fleet VALUES ('current_release_id', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (str(release_id),),
+            (str(fleet_to),),
         )
-        if row["kind"] == "rollback" and from_id is not None and from_id != release_id:
-            await self._set_release_state(from_id, "bad")
+        if decided.marks_bad is not None:
+            await self._set_release_state(decided.marks_bad, "bad")
 
-    async def _merge(
-        self, deployment_id: str, release_id: int, from_id: int | None, current: dict[str, str]
-    ) -> int:
-        """Another deployment completed meanwhile (disjoint locks): keep both changes."""
-        mine = json.loads(
-            (await self._rows("SELECT services FROM releases WHERE id = ?", release_id))[0][
-                "services"
-            ]
-        )
-        base: dict[str, str] = {}
-        if from_id is not None:
-            base = json.loads(
-                (await self._rows("SELECT services FROM releases WHERE id = ?", from_id))[0][
-                    "services"
-                ]
-            )
-        merged = {**current, **{k: v for k, v in mine.items() if base.get(k) != v}}
-        if merged == mine:
-            return release_id
-        merged_id = await self._add_release(merged, "good", deployment_id)
-        await self._db.execute(
-            "UPDATE deployments SET release_id = ? WHERE id = ?", (merged_id, deployment_id)
-        )
-        return merged_id
+    async def _release_services(self, release_id: int) -> dict[str, str]:
+        rows = await self._rows("SELECT services FROM releases WHERE id = ?", release_id)
+        services: dict[str, str] = json.loads(rows[0]["services"])
+        return services
 
     async def _add_release(self, services: dict[str, str], state: str, deployment_id: str) -> int:
         """A new numbered release (inside the caller's transaction)."""
