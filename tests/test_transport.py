@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
 import pytest
 
 from shared import topology
 from shared.config import BrokerSettings
 from shared.errors import BrokerUnavailable
-from shared.messages import Ping, QueryRequest, Reply, make
+from shared.messages import Heartbeat, Ping, QueryRequest, Reply, make
 from shared.transport import Broker, Delivery, Handler
 from tests.agent.helpers import eventually
-from tests.support.rabbit import dead_letter_reasons
+from tests.support.rabbit import dead_letter_reasons, rabbitmqctl
 
 
 async def test_malformed_message_is_dead_lettered_with_reason_and_consumer_keeps_serving(
@@ -91,3 +93,34 @@ async def test_brokers_sharing_one_connection_each_consume_and_publish_and_close
         await b.close()
         await a.close()
         await hub.close()
+
+
+async def test_auto_ack_queue_heartbeats_leave_nothing_unacked_and_refused_ones_are_dead_lettered(
+    broker: Broker, amqp_url: str
+) -> None:
+    """Heartbeats are consumed with auto-ack (issue 9): the broker forgets each as it
+    delivers it (none is unacked even while its handler runs), a malformed one is still
+    dead-lettered with its reason, and the consumer keeps serving."""
+    await broker.declare(topology.heartbeats_queue())
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.envelope.id)
+        await release.wait()
+
+    await broker.consume(topology.HEARTBEATS_QUEUE, handler, auto_ack=True)
+    exchange = await broker.channel.get_exchange(topology.REPORTS)
+    await exchange.publish(aio_pika.Message(b"not json"), topology.HEARTBEAT_KEY)
+    reasons = await dead_letter_reasons(amqp_url, 1)
+    assert "Invalid JSON" in str(reasons[0])
+    beat = make(Heartbeat(host_id="h1", services=[]), "agent:h1")
+    await broker.publish(topology.REPORTS, topology.HEARTBEAT_KEY, beat, ttl=5)
+    await eventually(lambda: seen == [beat.id], "the good message handled")
+    vhost_name = amqp_url.rsplit("/", 1)[1]
+    listing = rabbitmqctl("list_queues", "-q", "-p", vhost_name, "name",
+                          "messages_unacknowledged", "messages")  # fmt: skip
+    row = next(line.split() for line in listing.splitlines()
+               if line.startswith(topology.HEARTBEATS_QUEUE + "\t"))  # fmt: skip
+    assert row[1:] == ["0", "0"], listing
+    release.set()

@@ -111,10 +111,14 @@ class Broker:
         """Answer a request on its `reply_to` queue."""
         await self._publisher.reply(reply_to, correlation_id, body)
 
-    async def consume(self, queue_name: str, handler: Handler, *, concurrency: int = 1) -> None:
+    async def consume(
+        self, queue_name: str, handler: Handler, *, concurrency: int = 1, auto_ack: bool = False
+    ) -> None:
         """Feed a queue to `handler`, settling each delivery in one place (see
         `Consumer.consume`): in order, or `concurrency` deliveries at once."""
-        await self._consumer.consume(queue_name, handler, concurrency=concurrency)
+        await self._consumer.consume(
+            queue_name, handler, concurrency=concurrency, auto_ack=auto_ack
+        )
 
     async def subscribe(
         self,

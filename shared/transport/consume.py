@@ -81,11 +81,15 @@ class Consumer:
         self._settings = link.settings
         self._log = log.get("transport", connection=link.name)
 
-    async def consume(self, queue_name: str, handler: Handler, *, concurrency: int = 1) -> None:
+    async def consume(
+        self, queue_name: str, handler: Handler, *, concurrency: int = 1, auto_ack: bool = False
+    ) -> None:
         """Feed a queue to `handler`, one delivery at a time, in order; with `concurrency`,
         that many deliveries at once (their handlers run together, each still acked by
         the one decision point once its own effect is durable: a handler that needs an
-        order keeps it itself).
+        order keeps it itself). `auto_ack`: the broker forgets each message as it sends
+        it (for transient messages whose loss costs nothing, like heartbeats): nothing
+        is acked or requeued, a refused one is still dead-lettered with its reason.
 
         The queue is declared again on the consuming channel: aio-pika restores only the
         queues a robust channel declared, so this is what brings the consumer back after
@@ -104,12 +108,12 @@ class Consumer:
             else:
                 queue = await self._link.declare_on(spec, channel)
             self._link.queues.append(queue)
-            await queue.consume(inbox.put)
+            await queue.consume(inbox.put, no_ack=auto_ack)
         except ChannelNotFoundEntity as e:
             raise Unroutable(f"there is no queue {queue_name}") from e
         except BROKER_ERRORS as e:
             raise BrokerUnavailable(f"consuming {queue_name} failed: {e!r}") from e
-        work = self._work(inbox, handler, concurrency)
+        work = self._work(inbox, handler, concurrency, auto_ack)
         self._tasks.spawn(work, f"consume:{queue_name}", forever=True)
 
     async def subscribe(
@@ -142,22 +146,23 @@ class Consumer:
 
     async def _work(
         self, inbox: asyncio.Queue[AbstractIncomingMessage], handler: Handler,
-        concurrency: int = 1,
+        concurrency: int = 1, auto_ack: bool = False,
     ) -> None:  # fmt: skip
         slots = asyncio.Semaphore(concurrency)
         while True:
             message = await inbox.get()
             await slots.acquire()
             if concurrency == 1:
-                await self._one(message, handler, slots)
+                await self._one(message, handler, slots, auto_ack)
             else:
-                self._tasks.spawn(self._one(message, handler, slots), "delivery")
+                self._tasks.spawn(self._one(message, handler, slots, auto_ack), "delivery")
 
     async def _one(
-        self, message: AbstractIncomingMessage, handler: Handler, slots: asyncio.Semaphore
-    ) -> None:
+        self, message: AbstractIncomingMessage, handler: Handler, slots: asyncio.Semaphore,
+        auto_ack: bool = False,
+    ) -> None:  # fmt: skip
         try:
-            await self._handle(message, handler)
+            await self._handle(message, handler, auto_ack)
         except (*BROKER_ERRORS, BrokerUnavailable, Unroutable) as e:
             # The reply or ack was lost with the channel: the broker redelivers the
             # message and handlers are idempotent, so the consumer simply goes on.
@@ -167,32 +172,38 @@ class Consumer:
         finally:
             slots.release()
 
-    async def _handle(self, message: AbstractIncomingMessage, handler: Handler) -> None:
-        """The one decision point: run `handler`, then ack, dead-letter or requeue."""
+    async def _handle(
+        self, message: AbstractIncomingMessage, handler: Handler, auto_ack: bool = False
+    ) -> None:
+        """The one decision point: run `handler`, then ack, dead-letter or requeue
+        (with `auto_ack` the broker settled it already: only dead-lettering is left)."""
         try:
             delivery = admit(message, self._settings.max_message_bytes)
             envelope = delivery.envelope
             reply = await handler(delivery)
         except ProtocolError as e:
-            await self._reject(message, e.reason, e.code)
+            await self._reject(message, e.reason, e.code, auto_ack)
             return
         except TransientError as e:
             self._log.warning("consume.retry", error=str(e), message_id=message.message_id)
-            await asyncio.sleep(1.0)
-            await message.nack(requeue=True)
+            if not auto_ack:
+                await asyncio.sleep(1.0)
+                await message.nack(requeue=True)
             return
         except Exception as e:
             self._log.exception("consume.handler_failed", message_id=message.message_id)
-            await self._reject(message, f"handler failed: {e!r}")
+            await self._reject(message, f"handler failed: {e!r}", auto_ack=auto_ack)
             return
         if reply is not None and message.reply_to:
             await self._publisher.reply(message.reply_to, message.correlation_id, reply)
-        await message.ack()
+        if not auto_ack:
+            await message.ack()
         metrics.HANDLED.labels(envelope.kind).inc()
 
     async def _reject(
-        self, message: AbstractIncomingMessage, reason: str, code: str = "handler_failed"
-    ) -> None:
+        self, message: AbstractIncomingMessage, reason: str, code: str = "handler_failed",
+        auto_ack: bool = False,
+    ) -> None:  # fmt: skip
         self._log.warning("message.dead_lettered", reason=reason, routing_key=message.routing_key)
         metrics.DEAD_LETTERED.labels(message.routing_key or "").inc()
         metrics.REFUSED.labels(code).inc()
@@ -201,6 +212,8 @@ class Consumer:
                 message.body, reason, message.exchange or "", message.routing_key or ""
             )
         except (BrokerUnavailable, Unroutable, ProtocolError):
-            await message.reject(requeue=False)  # the queue's dead-letter exchange takes it
+            if not auto_ack:
+                await message.reject(requeue=False)  # the queue's dead-letter exchange takes it
             return
-        await message.ack()
+        if not auto_ack:
+            await message.ack()
