@@ -3,6 +3,9 @@
 Pure functions for the coordinator's watch loop and request intake:
 - `desired` is the current release restricted to the services whose `hosts` selector
   matches a host's labels; `drift` compares it with what the host reports.
+- `groups` gathers the hosts that need the same change (from the same versions) so
+  each group converges as ONE deployment, in batches: a rack of returning hosts moves
+  together, not one host at a time.
 - `locks` is the set of services a deployment holds: the services it changes plus every
   service they require or that requires them, so two deployments whose lock sets are
   disjoint can neither break each other's `requires` nor lose each other's changes.
@@ -54,6 +57,34 @@ def drift(
         else:
             result.fix[name] = version
     return result
+
+
+@dataclass(frozen=True)
+class Group:
+    """Hosts that need the same change from the same versions: one deployment."""
+
+    fix: dict[str, str]
+    """service -> the version every host of the group must be moved to."""
+    running: dict[str, str | None]
+    """service (of `fix`) -> the version the hosts run now (None: not installed)."""
+    hosts: tuple[str, ...]
+
+
+def groups(
+    fixes: Mapping[str, Mapping[str, str]], running: Mapping[str, Mapping[str, str | None]]
+) -> list[Group]:
+    """The hosts of `fixes` (host -> its `Drift.fix`) gathered by what they must change
+    and what they run of it now (`running`: host -> service -> version), in host order."""
+    found: dict[tuple[tuple[str, str], ...], Group] = {}
+    for host in sorted(fixes):
+        fix = dict(sorted(fixes[host].items()))
+        if not fix:
+            continue
+        now = {name: running.get(host, {}).get(name) for name in fix}
+        key = (*fix.items(), *((name, str(v)) for name, v in now.items()))
+        group = found.get(key)
+        found[key] = Group(fix, now, (*group.hosts, host) if group else (host,))
+    return sorted(found.values(), key=lambda g: g.hosts[0])
 
 
 def locks(changed: Iterable[str], target: Mapping[str, str], catalog: Catalog) -> set[str]:
