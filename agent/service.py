@@ -8,10 +8,12 @@ again: the log is no back door), then consumes `lockstep.agent.<host_id>` (decla
 the coordinator or `broker add-agent`; the agent declares nothing), then asks the
 coordinator about every prepared transaction it holds (`agent.indoubt`). The delivery
 handler verifies a command (`agent.trust`: signature, address, expiry, replay), records
-it durably and hands it to that service's serial worker, so the transport acks at once
-(SPEC 5: commands are never held unacked for the length of a deploy). A watched
-service that exits goes to the supervisor's crash handling, which reports a crash loop
-through `_report`. `stop()` leaves every service running: the next agent adopts them.
+it durably (`agent.store.commands`) and hands it to that service's serial worker
+(`agent.workers`), so the transport acks at once (SPEC 5: commands are never held
+unacked for the length of a deploy). Reports and heartbeats go out through
+`agent.reporter`. A watched service that exits goes to the supervisor's crash handling,
+which reports a crash loop through the reporter. `stop()` leaves every service
+running: the next agent adopts them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -30,35 +31,31 @@ from agent.driver import ProcessRecord
 from agent.indoubt import InDoubt, stale_after
 from agent.monitor import Monitor
 from agent.releases import Releases
-from agent.steps import Command, Steps
-from agent.store import CommandRecord, Store
+from agent.reporter import RETRY_MAX, Reporter
+from agent.steps import Steps
+from agent.store import Store
 from agent.supervisor import HealthWait, ProcessDriver, Supervisor
-from shared import faults, log, metrics, signing, topology
+from agent.workers import Workers, recorded
+from shared import log, metrics, signing, topology
 from shared.config import AgentSettings, BrokerSettings, SecuritySettings
 from shared.errors import ProtocolError, TransientError
 from shared.messages import (
     Abort,
     AgentHello,
-    Body,
     Commit,
     Envelope,
     Health,
     HealthChange,
-    Heartbeat,
     Ping,
     Prepare,
     Revert,
-    Step,
-    StepResult,
-    Vote,
+    ServiceState,
     decode,
-    make,
 )
 from shared.tasks import TaskGroup
 from shared.transport import Broker, Delivery
 
 DB_NAME = "agent.db"
-RETRY_MAX = 5.0
 SEEN_KEPT = 7 * 24 * 3600.0
 """How long received command ids are remembered at least (twice a command's life if
 that is longer), so a replay is refused as long as the command would be valid."""
@@ -103,12 +100,11 @@ class Agent:
         self.releases = Releases(state_dir)
         self._tasks = TaskGroup(self.sender)
         self.monitor = Monitor(self._tasks, self._on_health, self._on_exit)
+        self.reporter = Reporter(self.broker, host_id, self.labels, self.signer.public,
+                                 agent_settings, self._states)  # fmt: skip
         self._store: Store | None = None
         self._supervisor: Supervisor | None = None
-        self._steps: Steps | None = None
-        self._queues: dict[str, asyncio.Queue[CommandRecord]] = {}
-        self._inflight: set[str] = set()
-        self._stopping = False
+        self._workers: Workers | None = None
         self._log = log.get("agent", host_id=host_id)
 
     @property
@@ -122,23 +118,27 @@ class Agent:
         self._store = await Store.open(self.state_dir / DB_NAME)
         self._supervisor = Supervisor(
             self.host_id, self.labels, self.releases, self._store, self.monitor, self.settings,
-            on_crash_loop=self._report, process_driver=self._process_driver,
+            on_crash_loop=self.reporter.report, process_driver=self._process_driver,
             health_wait=self._health_wait,
         )  # fmt: skip
-        self._steps = Steps(self._supervisor, self.settings)
-        indoubt = InDoubt(
-            self._store, self._publish, self.host_id, stale_after(self.settings.heartbeat_interval)
+        steps = Steps(self._supervisor, self.settings)
+        self._workers = Workers(
+            self._tasks, self._store.commands, steps, self.reporter.report, self.host_id
         )
+        indoubt = InDoubt(
+            self._store, self.reporter.publish, self.host_id,
+            stale_after(self.settings.heartbeat_interval),
+        )  # fmt: skip
         kept = max(SEEN_KEPT, 2 * (self.security.command_ttl + self.security.clock_skew))
-        await self._store.forget_seen(time.time() - kept)
+        await self._store.commands.forget_seen(time.time() - kept)
         await self.broker.connect()
         await self._supervisor.adopt()
         states = await self._supervisor.states()
         hello = AgentHello(host_id=self.host_id, labels=self.labels, services=states,
                            public_key=self.signer.public)  # fmt: skip
-        await self._report(hello)  # retried until the topology exists
+        await self.reporter.report(hello)  # retried until the topology exists
         self._log.info("agent.key", fingerprint=signing.fingerprint(self.signer.public))
-        self._tasks.spawn(self._heartbeats(), "heartbeats", forever=True)
+        self._tasks.spawn(self.reporter.heartbeats(), "heartbeats", forever=True)
         await self._resume()
         await self._consume(topology.agent_queue_name(self.host_id))
         in_doubt = await indoubt.ask_all()
@@ -148,7 +148,8 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop consuming and working; every service keeps running."""
-        self._stopping = True
+        if self._workers is not None:
+            self._workers.stopping = True
         self.monitor.unwatch_all()
         await self._tasks.close()
         await self.broker.close()
@@ -173,12 +174,12 @@ class Agent:
         """Run again the commands received before a restart, once verified again: the
         signature and address as on arrival, the expiry as of when it arrived (it was
         fresh then, and acked; a decision must not be lost to a long outage)."""
-        for record in await self.store.pending_commands():
+        for record in await self.store.commands.pending():
             logger = self._log.bind(
                 command_id=record.id, step=record.step, service=record.service,
                 deployment_id=record.deployment_id,
             )  # fmt: skip
-            received = await self.store.received_at(record.id)
+            received = await self.store.commands.received_at(record.id)
             try:
                 if received is None:
                     raise ProtocolError("no record of when it was received", "expired")
@@ -186,10 +187,10 @@ class Agent:
             except ProtocolError as e:
                 logger.warning("command.refused", reason=e.reason, resumed=True)
                 metrics.REFUSED.labels(e.code).inc()
-                await self.store.drop_command(record.id)
+                await self.store.commands.drop(record.id)
                 continue
             logger.info("command.resumed")
-            self._dispatch(record)
+            self._workers_or_fail().dispatch(record)
 
     def _verify(self, envelope: Envelope, at: datetime | None = None) -> None:
         trust.check_command(envelope, self.host_id, self.coordinator_key,
@@ -202,112 +203,41 @@ class Agent:
         self._verify(envelope)
         body = envelope.body
         if isinstance(body, Ping):
-            await self._heartbeat()
+            await self.reporter.heartbeat()
             return
         if not isinstance(body, Prepare | Commit | Abort | Revert):
             raise ProtocolError(f"kind: an agent does not accept {envelope.kind!r} messages")
-        if await self.store.seen(envelope.id):
+        if await self.store.commands.seen(envelope.id):
             if delivery.redelivered:  # the broker's own redelivery (an ack was lost): once
                 self._log.info("command.redelivered", command_id=envelope.id)
                 return
             raise trust.replayed(envelope)
         service = body.spec.name if isinstance(body, Prepare) else body.service
-        record = await self.store.add_command(
+        record = await self.store.commands.add(
             envelope.id, body.deployment_id, service, body.KIND, delivery.raw.decode()
         )
         if record.state == "done" and record.result is not None:
             self._log.info("command.duplicate", command_id=envelope.id, step=record.step,
                            service=service, deployment_id=body.deployment_id)  # fmt: skip
-            await self._publish(_recorded(record))
+            await self.reporter.publish(recorded(record))
             return
-        self._dispatch(record)
+        self._workers_or_fail().dispatch(record)
 
-    def _dispatch(self, record: CommandRecord) -> None:
-        """Queue `record` on its service's worker (once, however often it arrives)."""
-        if self._stopping or record.id in self._inflight:
-            return
-        self._inflight.add(record.id)
-        queue = self._queues.get(record.service)
-        if queue is None:
-            queue = self._queues[record.service] = asyncio.Queue()
-            self._tasks.spawn(self._work(queue), f"worker:{record.service}", forever=True)
-        queue.put_nowait(record)
-
-    async def _work(self, queue: asyncio.Queue[CommandRecord]) -> None:
-        while True:
-            record = await queue.get()
-            try:
-                await self._execute(record)
-            except Exception:  # the worker outlives any one command (it stays received)
-                self._log.exception("command.failed", command_id=record.id, step=record.step,
-                                    service=record.service)  # fmt: skip
-            finally:
-                self._inflight.discard(record.id)
-
-    async def _execute(self, record: CommandRecord) -> None:
-        command: Any = decode(record.body.encode()).body
-        logger = self._log.bind(deployment_id=record.deployment_id, service=record.service)
-        logger.info("command.started", step=record.step, command_id=record.id)
-        try:
-            result = await self._steps_or_fail().run(command)
-        except Exception as e:  # a bug must not wedge the service's worker
-            logger.exception("command.crashed", step=record.step)
-            result = _failure(command, self.host_id, f"agent error: {e!r}")
-        await self._report(result)
-        if isinstance(result, Vote) and result.yes:
-            faults.point("agent.voted")
-        await self.store.finish_command(record.id, result.model_dump(mode="json"))
-        metrics.STEPS.labels(record.step, str(_succeeded(result)).lower()).inc()
-        logger.info("command.done", step=record.step, command_id=record.id)
-
-    def _steps_or_fail(self) -> Steps:
-        if self._steps is None:
+    def _workers_or_fail(self) -> Workers:
+        if self._workers is None:
             raise RuntimeError("the agent is not started")
-        return self._steps
+        return self._workers
 
-    # --- reporting ----------------------------------------------------------------
+    # --- the host's services --------------------------------------------------------
 
-    async def _publish(self, body: Body) -> None:
-        """Publish a report to the coordinator (persistent, confirmed)."""
-        await self.broker.publish(topology.REPORTS, topology.REPORTS_KEY, make(body, self.sender))
-
-    async def _report(self, body: Body) -> None:
-        """Publish `body`, retrying with backoff while the broker is away."""
-        delay = 0.2
-        while True:
-            try:
-                await self._publish(body)
-                return
-            except TransientError as e:
-                self._log.warning("report.retry", kind=body.KIND, error=str(e))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
-
-    async def _heartbeat(self) -> None:
-        """Report what runs, stamped with when it was read: the coordinator keeps the
-        newest view, so a heartbeat overtaken by a step result cannot undo it."""
-        observed_at = datetime.now(UTC)
-        states = await self._supervisor_or_fail().states()
-        body = Heartbeat(host_id=self.host_id, services=states, labels=self.labels,
-                         public_key=self.signer.public)  # fmt: skip
-        envelope = make(body, self.sender, sent_at=observed_at)
-        # Transient, on a queue of its own, gone if not read within three intervals: a
-        # heartbeat is news only while it is fresh, and never waits behind a vote.
-        await self.broker.publish(topology.REPORTS, topology.HEARTBEAT_KEY, envelope,
-                                  ttl=3 * self.settings.heartbeat_interval)  # fmt: skip
+    async def _states(self) -> list[ServiceState]:
+        """What runs on this host now (heartbeats carry it)."""
+        return await self._supervisor_or_fail().states()
 
     def _supervisor_or_fail(self) -> Supervisor:
         if self._supervisor is None:
             raise RuntimeError("the agent is not started")
         return self._supervisor
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            try:
-                await self._heartbeat()
-            except TransientError as e:
-                self._log.warning("heartbeat.failed", error=str(e))
 
     async def _on_exit(self, service: str, record: ProcessRecord, reason: str) -> None:
         await self._supervisor_or_fail().exited(service, record, reason)
@@ -321,30 +251,4 @@ class Agent:
         )
         # Retried until the broker takes it (a lost failure would let a bad release pass
         # its bake), in the background so probing goes on meanwhile.
-        self._tasks.spawn(self._report(change), f"report:health:{service}")
-
-
-def _succeeded(report: Body) -> bool:
-    return report.yes if isinstance(report, Vote) else bool(getattr(report, "ok", False))
-
-
-def _recorded(record: CommandRecord) -> Body:
-    """The report recorded for a done command."""
-    if record.step == Prepare.KIND:
-        return Vote.model_validate(record.result)
-    return StepResult.model_validate(record.result)
-
-
-def _failure(command: Command, host_id: str, reason: str) -> Body:
-    """The report for a command whose step crashed."""
-    if isinstance(command, Prepare):
-        return Vote(deployment_id=command.deployment_id, host_id=host_id,
-                    service=command.spec.name, version=command.spec.version, yes=False,
-                    reason=reason)  # fmt: skip
-    step: Step = (
-        "commit"
-        if isinstance(command, Commit)
-        else ("abort" if isinstance(command, Abort) else "revert")
-    )
-    return StepResult(deployment_id=command.deployment_id, host_id=host_id,
-                      service=command.service, step=step, ok=False, reason=reason)  # fmt: skip
+        self._tasks.spawn(self.reporter.report(change), f"report:health:{service}")

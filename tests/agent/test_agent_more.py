@@ -59,7 +59,7 @@ async def test_commands_received_before_a_crash_are_resumed(
     assert signer is not None
     envelope = signer.sign(command(Prepare(deployment_id="d1", spec=v1, from_version=None)))
     store = await Store.open(fleet.state_dir / DB_NAME)
-    await store.add_command(envelope.id, "d1", "demo", "prepare", encode(envelope).decode())
+    await store.commands.add(envelope.id, "d1", "demo", "prepare", encode(envelope).decode())
     await store.close()
     agent = await fleet.start_agent()
     vote = await coordinator.wait(Vote, deployment_id="d1")
@@ -68,7 +68,7 @@ async def test_commands_received_before_a_crash_are_resumed(
 
 
 async def _no_pending(store: Store) -> bool:
-    return not await store.pending_commands()
+    return not await store.commands.pending()
 
 
 def test_only_the_process_driver_exists(tmp_path: Path) -> None:

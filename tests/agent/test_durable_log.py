@@ -28,8 +28,8 @@ async def _store_command(fleet: Fleet, envelope: Envelope, received: datetime) -
     store = await Store.open(fleet.state_dir / DB_NAME)
     body = envelope.body
     assert isinstance(body, Prepare)
-    await store.add_command(envelope.id, body.deployment_id, "demo", "prepare",
-                            encode(envelope).decode())  # fmt: skip
+    await store.commands.add(envelope.id, body.deployment_id, "demo", "prepare",
+                             encode(envelope).decode())  # fmt: skip
     await store.close()
     with sqlite3.connect(fleet.state_dir / DB_NAME) as db:
         db.execute("UPDATE seen SET at = ? WHERE id = ?", (received.timestamp(), envelope.id))

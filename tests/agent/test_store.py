@@ -19,15 +19,15 @@ SPEC = ServiceVersion.model_validate(
 async def test_commands_are_idempotent_by_id_and_by_step(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "agent.db")
     try:
-        first = await store.add_command("e1", "d1", "demo", "commit", "{}")
+        first = await store.commands.add("e1", "d1", "demo", "commit", "{}")
         assert first.state == "received"
-        assert await store.add_command("e1", "d1", "demo", "commit", "{}") == first
-        assert (await store.add_command("e2", "d1", "demo", "commit", "{}")).id == "e1"
-        await store.finish_command("e1", {"ok": True})
-        again = await store.add_command("e1", "d1", "demo", "commit", "{}")
+        assert await store.commands.add("e1", "d1", "demo", "commit", "{}") == first
+        assert (await store.commands.add("e2", "d1", "demo", "commit", "{}")).id == "e1"
+        await store.commands.finish("e1", {"ok": True})
+        again = await store.commands.add("e1", "d1", "demo", "commit", "{}")
         assert again.state == "done"
         assert again.result == {"ok": True}
-        assert await store.pending_commands() == []
+        assert await store.commands.pending() == []
     finally:
         await store.close()
 
@@ -38,7 +38,7 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
     row = ServiceRow("demo", "1.0.0", SPEC, ProcessRecord(10, 10, 99), "/r", "healthy")
     await store.put_service(row)
     await store.add_switch("demo", None, "1.0.0", "commit", "d1")
-    await store.add_command("e9", "d1", "demo", "prepare", "{}")
+    await store.commands.add("e9", "d1", "demo", "prepare", "{}")
     await store.close()
     store = await Store.open(tmp_path / "agent.db")
     try:
@@ -49,7 +49,7 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
         assert await store.service("demo") == row
         [switch] = await store.switches("demo")
         assert (switch.kind, switch.to_version, switch.deployment_id) == ("commit", "1.0.0", "d1")
-        assert [c.id for c in await store.pending_commands()] == ["e9"]
+        assert [c.id for c in await store.commands.pending()] == ["e9"]
     finally:
         await store.close()
 

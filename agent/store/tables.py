@@ -1,23 +1,24 @@
-"""The agent's durable state: one SQLite file (WAL, synchronous=FULL).
+"""The agent's state tables: transactions, services, crash loops, `current` switches.
 
-The only agent module that imports aiosqlite. The agent service records every command
-before acking it (`add_command` is idempotent by envelope id and by (deployment,
-service, step)), the steps record transactions, what runs, and every `current` switch;
-the crash guard records crash loops, so a restarted agent leaves such a service down.
+`Store.open` opens the agent's one SQLite file (WAL, synchronous=FULL), creates and
+migrates its tables (`agent.schema`) and makes its command log (`store.commands`,
+agent/store/commands.py). The steps record transactions, what runs, and every
+`current` switch; the crash guard records crash loops, so a restarted agent leaves
+such a service down.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import aiosqlite
 
 from agent.driver import ProcessRecord
 from agent.schema import ADDED_COLUMNS, SCHEMA
+from agent.store.commands import CommandLog
 from shared.messages import Health
 from shared.specs import ServiceVersion
 
@@ -26,19 +27,6 @@ TxnState = Literal[
     "revert_failed",
 ]  # fmt: skip
 SwitchKind = Literal["commit", "revert", "stop"]
-
-
-@dataclass(frozen=True)
-class CommandRecord:
-    id: str
-    deployment_id: str
-    service: str
-    step: str
-    body: str
-    """The command's envelope as received (JSON)."""
-    state: Literal["received", "done"]
-    result: dict[str, Any] | None
-    """The report body sent for it (JSON object), once done."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +72,8 @@ class Store:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        self.commands = CommandLog(db)
+        """The durable command log, in the same file and on the same connection."""
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -99,70 +89,6 @@ class Store:
 
     async def close(self) -> None:
         await self._db.close()
-
-    # --- commands ---------------------------------------------------------------
-
-    async def seen(self, id: str) -> bool:
-        """Whether a command with this envelope id was received before (replay check)."""
-        async with self._db.execute("SELECT 1 FROM seen WHERE id = ?", (id,)) as cursor:
-            return await cursor.fetchone() is not None
-
-    async def received_at(self, id: str) -> float | None:
-        """When the command with this envelope id was received (time.time())."""
-        async with self._db.execute("SELECT at FROM seen WHERE id = ?", (id,)) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else float(row["at"])
-
-    async def forget_seen(self, older_than: float) -> None:
-        """Forget command ids received before `older_than` (time.time()): long expired."""
-        await self._db.execute("DELETE FROM seen WHERE at < ?", (older_than,))
-        await self._db.commit()
-
-    async def add_command(
-        self, id: str, deployment_id: str, service: str, step: str, body: str
-    ) -> CommandRecord:
-        """Record a received command and its id; an existing one (same id or step) is
-        returned as is, and its id remembered too."""
-        await self._db.execute(
-            "INSERT OR IGNORE INTO seen (id, at) VALUES (?, ?)", (id, time.time())
-        )
-        existing = await self._command(
-            "id = ? OR (deployment_id = ? AND service = ? AND step = ?)",
-            (id, deployment_id, service, step),
-        )
-        if existing is not None:
-            await self._db.commit()
-            return existing
-        await self._db.execute(
-            "INSERT INTO commands (id, deployment_id, service, step, body, state)"
-            " VALUES (?, ?, ?, ?, ?, 'received')",
-            (id, deployment_id, service, step, body),
-        )
-        await self._db.commit()
-        return CommandRecord(id, deployment_id, service, step, body, "received", None)
-
-    async def drop_command(self, id: str) -> None:
-        """Remove a received command that failed verification when read back."""
-        await self._db.execute("DELETE FROM commands WHERE id = ? AND state = 'received'", (id,))
-        await self._db.commit()
-
-    async def finish_command(self, id: str, result: dict[str, Any]) -> None:
-        await self._db.execute(
-            "UPDATE commands SET state = 'done', result = ? WHERE id = ?", (json.dumps(result), id)
-        )
-        await self._db.commit()
-
-    async def pending_commands(self) -> list[CommandRecord]:
-        """Commands received but not done, in the order they arrived."""
-        async with self._db.execute(
-            "SELECT * FROM commands WHERE state = 'received' ORDER BY rowid"
-        ) as cursor:
-            return [_command(row) for row in await cursor.fetchall()]
-
-    async def _command(self, where: str, args: tuple[Any, ...]) -> CommandRecord | None:
-        async with self._db.execute(f"SELECT * FROM commands WHERE {where}", args) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _command(row)
 
     # --- transactions -----------------------------------------------------------
 
@@ -326,14 +252,6 @@ async def _add_columns(db: aiosqlite.Connection) -> None:
         for name, decl in columns:
             if name not in have:
                 await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-
-
-def _command(row: aiosqlite.Row) -> CommandRecord:
-    result = json.loads(row["result"]) if row["result"] else None
-    return CommandRecord(
-        row["id"], row["deployment_id"], row["service"], row["step"], row["body"],
-        row["state"], result,
-    )  # fmt: skip
 
 
 def _txn(row: aiosqlite.Row) -> Txn:
