@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from coordinator import convergence, machine, views
 from coordinator.liveness import Liveness
 from coordinator.planner import AgentInfo, Plan, plan
+from coordinator.records import DeploymentRecord
 from coordinator.resolver import resolve
 from coordinator.store import Store
 from shared import log
@@ -82,7 +84,7 @@ class Intake:
             await self.store.queue_deployment(
                 deployment_id=deployment_id, request_id=request_id, trigger=request.trigger,
                 kind=request.kind, target=target, request=request.model_dump(mode="json"),
-                locks=sorted(held), machine=machine.to_dict(waiting),
+                locks=sorted(held), machine=waiting,
                 requested_by=request.requested_by,
             )  # fmt: skip
             await self._start_ready()
@@ -96,29 +98,29 @@ class Intake:
             await self._start_ready()
 
     async def _held(self) -> set[str]:
-        rows = await self.store.in_flight()
-        return {name for row in rows for name in row["plan"].get("locks", [])}
+        records = await self.store.in_flight()
+        return {name for record in records for name in record.locks}
 
     async def _start_ready(self) -> None:
-        rows = await self.store.in_flight()
-        held = {n for r in rows if r["state"] != "queued" for n in r["plan"].get("locks", [])}
-        for row in sorted((r for r in rows if r["state"] == "queued"), key=_age):
-            locks = set(row["plan"]["locks"])
+        records = await self.store.in_flight()
+        held = {n for r in records if r.state != "queued" for n in r.locks}
+        for record in sorted((r for r in records if r.state == "queued"), key=_age):
+            locks = set(record.locks)
             if locks & held:
                 held |= locks  # FIFO: a later overlapping request waits behind this one
                 continue
-            if await self._begin(row):
+            if await self._begin(record):
                 held |= locks
 
-    async def _begin(self, row: dict[str, Any]) -> bool:
+    async def _begin(self, record: DeploymentRecord) -> bool:
         """Plan and start a queued deployment; False if it could not start (it is aborted)."""
-        deployment_id = row["deployment_id"]
-        request = Request.model_validate(row["plan"]["request"])
+        deployment_id = record.id
+        request = Request.model_validate(record.request)
         try:
             target, the_plan, _ = await self._plan(request)
         except UserError as e:
-            unstarted = machine.to_dict(machine.queued(deployment_id, request.strategy))
-            unstarted.update(phase="aborted", reason=f"could not start: {e}")
+            unstarted = replace(machine.queued(deployment_id, request.strategy),
+                                phase="aborted", reason=f"could not start: {e}")  # fmt: skip
             await self.store.save_deployment(unstarted, [("deployment.aborted", {})])
             return False
         current_id, _ = await self.store.current_release()
@@ -135,7 +137,7 @@ class Intake:
         )
         await self.store.start_deployment(
             deployment_id=deployment_id, target=target, from_release_id=current_id,
-            release_id=release_id, plan=the_plan.to_dict(), machine=machine.to_dict(state),
+            release_id=release_id, plan=the_plan.to_dict(), machine=state,
         )  # fmt: skip
         self._log.info("deployment.started", deployment_id=deployment_id, kind=request.kind,
                        trigger=request.trigger, services=target)  # fmt: skip
@@ -145,12 +147,11 @@ class Intake:
     async def _plan(self, request: Request) -> tuple[dict[str, str], Plan, Any]:
         catalog = await self.store.catalog()
         _, current = await self.store.current_release()
-        agent_rows = await self.liveness.agents()
+        agents = await self.liveness.agents()
         now = time.time()
-        running = {a["host_id"]: {s["service"]: s["version"] for s in a["services"]}
-                   for a in agent_rows}  # fmt: skip
-        live = [AgentInfo(a["host_id"], a["labels"], views.alive(a, now, self.lost_after))
-                for a in agent_rows]  # fmt: skip
+        running = {a.host_id: a.running() for a in agents}
+        live = [AgentInfo(a.host_id, a.labels, views.alive(a.last_seen, now, self.lost_after))
+                for a in agents]  # fmt: skip
         if request.kind == "converge":
             host = request.host or ""
             target = dict(current)
@@ -170,5 +171,5 @@ class Intake:
         return target, the_plan, catalog
 
 
-def _age(row: dict[str, Any]) -> float:
-    return float(row["started_at"])
+def _age(record: DeploymentRecord) -> float:
+    return record.started_at

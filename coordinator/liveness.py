@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
+from coordinator.records import AgentRecord
 from coordinator.store import Store
 from shared.messages import ServiceState
 
@@ -52,12 +54,14 @@ class Liveness:
             dirty, self._dirty = self._dirty, set()
             await self.store.set_last_seen({h: self._seen[h] for h in dirty})
 
-    async def agents(self, *, approved_only: bool = True) -> list[dict[str, Any]]:
+    async def agents(self, *, approved_only: bool = True) -> list[AgentRecord]:
         """The store's agents with their newest `last_seen`."""
         return self.merge(await self.store.agents(approved_only=approved_only))
 
-    def merge(self, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """`agents` (store rows) with the newest `last_seen` known in memory."""
-        for agent in agents:
-            agent["last_seen"] = max(agent["last_seen"], self._seen.get(agent["host_id"], 0.0))
-        return agents
+    def merge(self, agents: list[AgentRecord]) -> list[AgentRecord]:
+        """`agents` (store records) with the newest `last_seen` known in memory."""
+        return [self._newest(agent) for agent in agents]
+
+    def _newest(self, agent: AgentRecord) -> AgentRecord:
+        seen = self._seen.get(agent.host_id, 0.0)
+        return agent if seen <= agent.last_seen else replace(agent, last_seen=seen)

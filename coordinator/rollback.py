@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from itertools import combinations
-from typing import Any
 
+from coordinator.records import Release
 from coordinator.resolver import Catalog, check
 from shared.errors import UserError
 
@@ -19,31 +19,25 @@ EXACT_LIMIT = 14
 """Beyond this many candidate services, a partial rollback moves all of them."""
 
 
-def last_good(
-    releases: Sequence[Mapping[str, Any]], current_id: int | None
-) -> Mapping[str, Any] | None:
+def last_good(releases: Sequence[Release], current_id: int | None) -> Release | None:
     """The newest good release older than the current one (releases newest first)."""
     for release in releases:
-        if (
-            release["state"] == "good"
-            and current_id is not None
-            and release["release_id"] < current_id
-        ):
+        if release.state == "good" and current_id is not None and release.id < current_id:
             return release
     return None
 
 
-def named(releases: Sequence[Mapping[str, Any]], release_id: int, force: bool) -> Mapping[str, Any]:
+def named(releases: Sequence[Release], release_id: int, force: bool) -> Release:
     """Release `release_id` as a rollback target; a bad one only with `force`."""
     for release in releases:
-        if release["release_id"] == release_id:
-            if release["state"] == "bad" and not force:
+        if release.id == release_id:
+            if release.state == "bad" and not force:
                 raise UserError(
                     "--to",
                     f"release {release_id} is marked bad (it was rolled back); "
                     "use --force to deploy it anyway",
                 )
-            if release["state"] == "pending":
+            if release.state == "pending":
                 raise UserError("--to", f"release {release_id} is still being deployed")
             return release
     raise UserError("--to", f"there is no release {release_id}")

@@ -21,6 +21,7 @@ from typing import Any
 
 from coordinator import machine
 from coordinator.machine import Key
+from coordinator.records import DeploymentRecord
 from coordinator.store import Store
 from shared import faults, log, metrics, topology
 from shared.errors import BrokerUnavailable
@@ -37,7 +38,7 @@ class Live:
     """One deployment in flight: its record, its machine state, its lock and the events
     waiting for the lock's holder."""
 
-    row: dict[str, Any]
+    record: DeploymentRecord
     state: machine.Deployment
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: list[tuple[machine.Event, asyncio.Future[None] | None]] = field(default_factory=list)
@@ -90,18 +91,16 @@ class Deployments:
         live = self._live.get(deployment_id)
         if live is not None:
             return live.state
-        row = await self.store.deployment(deployment_id)
-        return None if row is None else machine.from_dict(row["machine"])
+        record = await self.store.deployment(deployment_id)
+        return None if record is None else record.machine
 
     async def _load(self, deployment_id: str) -> Live | None:
         live = self._live.get(deployment_id)
         if live is None:
-            row = await self.store.deployment(deployment_id)
-            if row is None:
+            record = await self.store.deployment(deployment_id)
+            if record is None:
                 return None
-            live = self._live.setdefault(
-                deployment_id, Live(row, machine.from_dict(row["machine"]))
-            )
+            live = self._live.setdefault(deployment_id, Live(record, record.machine))
         return live
 
     async def _apply(self, live: Live, events: list[machine.Event]) -> list[machine.Event]:
@@ -116,14 +115,12 @@ class Deployments:
         phases: list[tuple[str, dict[str, Any]]] = (
             [] if state.phase == before.phase else [(f"deployment.{state.phase}", {})]
         )
-        header = machine.to_dict(state)
-        header.pop("participants")
-        await self.store.save_deployment(header, phases, changed)
+        await self.store.save_deployment(state, phases, changed)
         live.state = state
         _fault_points(before, state)
         follow_ups: list[machine.Event] = []
         for action in actions:
-            follow_ups += await self._perform(live.row, state, action)
+            follow_ups += await self._perform(live.record, state, action)
         if any(isinstance(a, machine.Send) and a.command == "prepare" for a in actions):
             faults.point("coordinator.prepare_sent")
         if state.phase != before.phase:
@@ -131,11 +128,11 @@ class Deployments:
         return follow_ups
 
     async def _perform(
-        self, row: dict[str, Any], d: machine.Deployment, action: machine.Action
+        self, record: DeploymentRecord, d: machine.Deployment, action: machine.Action
     ) -> list[machine.Event]:
         match action:
             case machine.Send():
-                return await self._send(row, d, action)
+                return await self._send(record, d, action)
             case machine.StartTimer():
                 self._tasks.spawn(self._timer(d.id, action), f"timer:{d.id}:{action.token}")
             case machine.Finished():
@@ -150,12 +147,12 @@ class Deployments:
         await self.drive(deployment_id, machine.TimedOut(timer.token))
 
     async def _send(
-        self, row: dict[str, Any], d: machine.Deployment, send: machine.Send
+        self, record: DeploymentRecord, d: machine.Deployment, send: machine.Send
     ) -> list[machine.Event]:
         """Publish one command per key, concurrently; votes for hosts it cannot reach."""
         needs_specs = send.command in ("prepare", "revert")  # commit/abort carry no spec
         catalog = await self.store.catalog() if needs_specs else {}
-        rollback = row["kind"] == "rollback"
+        rollback = record.kind == "rollback"
         trusted = await self.store.approved_hosts()
         keys = [key for key in send.keys if key[0] in trusted]
         failed: list[machine.Event] = []

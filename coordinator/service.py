@@ -97,10 +97,10 @@ class Coordinator:
         )  # fmt: skip
         await self.broker.connect()
         await self.broker.declare(topology.coordinator_queue(), topology.heartbeats_queue())
-        for row in await self.store.in_flight():
-            if row["state"] != "queued":
-                self._log.info("deployment.recovering", deployment_id=row["deployment_id"])
-                await self.drive(row["deployment_id"], machine.Recovered())
+        for record in await self.store.in_flight():
+            if record.state != "queued":
+                self._log.info("deployment.recovering", deployment_id=record.id)
+                await self.drive(record.id, machine.Recovered())
         await self.intake.start_ready()
         await self.broker.consume(topology.COORDINATOR_QUEUE, self.handle, concurrency=CONCURRENT)
         await self.broker.consume(topology.HEARTBEATS_QUEUE, self.handle, concurrency=CONCURRENT)
@@ -169,7 +169,8 @@ class Coordinator:
 
     async def _on_register(self, delivery: Delivery) -> Body:
         body = _body(delivery, RegisterRequest)
-        return Reply(ok=True, data={"versions": await self.store.register(body.versions)})
+        registered = await self.store.register(body.versions)
+        return Reply(ok=True, data={"versions": views.registered(registered)})
 
     async def _on_deploy(self, delivery: Delivery) -> Body:
         body = _body(delivery, DeployRequest)
@@ -255,14 +256,18 @@ class Coordinator:
             rows = await self.liveness.agents(approved_only=False)
             return views.agents(rows, now, self.lost_after, self.enrollment.heard)
         if body.what == "events":
-            return {"events": await self.store.events(body.after)}
-        row = await self.store.deployment(body.deployment_id or "")
-        if row is None:
+            return {"events": [views.event(e) for e in await self.store.events(body.after)]}
+        record = await self.store.deployment(body.deployment_id or "")
+        if record is None:
             raise UserError("deployment_id", f"no deployment {body.deployment_id!r}")
-        return views.deployment(row)
+        return views.deployment(record)
 
     async def rollback(
-        self, request_id: str, body: RollbackRequest, trigger: str = "operator", reason: str = "",
+        self,
+        request_id: str,
+        body: RollbackRequest,
+        trigger: str = "operator",
+        reason: str = "",
         requested_by: str = "",
     ) -> dict[str, Any]:
         """Deploy the last good (or named) release, or move back only some services."""
@@ -275,11 +280,11 @@ class Coordinator:
             if found is None:
                 raise UserError("rollback", "there is no earlier good release to roll back to")
             target = found
-        services, reuse = dict(target["services"]), target["release_id"]
+        services = dict(target.services)
         if body.services and body.to is None:
             catalog = await self.store.catalog()
             services = rollback.dependents_target(current, services, body.services, catalog)
-            reuse = reuse if services == target["services"] else None
+        reuse = target.id if services == target.services else None  # else: a new release
         request = Request(services=services, strategy=body.strategy, kind="rollback",
                           trigger=trigger, release_id=reuse, reason=reason,
                           requested_by=requested_by)  # fmt: skip
@@ -300,16 +305,18 @@ class Coordinator:
         if await self.store.deployment(deployment_id) is None:
             raise UserError("deployment_id", f"no deployment {deployment_id!r}")
         await self.drive(deployment_id, machine.Control(action))
-        row = await self.store.deployment(deployment_id)
-        assert row is not None
-        return views.deployment(row)
+        record = await self.store.deployment(deployment_id)
+        assert record is not None
+        return views.deployment(record)
 
     async def _only_in_flight(self) -> str:
-        rows = await self.store.in_flight()
-        if len(rows) != 1:
-            ids = ", ".join(r["deployment_id"] for r in rows) or "none"
-            raise UserError("deployment_id", f"name the deployment ({len(rows)} in flight: {ids})")
-        return str(rows[0]["deployment_id"])
+        records = await self.store.in_flight()
+        if len(records) != 1:
+            ids = ", ".join(r.id for r in records) or "none"
+            raise UserError(
+                "deployment_id", f"name the deployment ({len(records)} in flight: {ids})"
+            )
+        return records[0].id
 
     async def _inquiry(self, body: Inquiry) -> None:
         """An agent in doubt: send it the decision again (presumed abort if none)."""
@@ -336,7 +343,7 @@ class Coordinator:
 
     async def _host_failure(self, body: HealthChange | CrashLoop) -> None:
         agents = await self.store.agents()
-        runs = {(a["host_id"], s["service"]) for a in agents for s in a["services"]}
+        runs = {(a.host_id, s.service) for a in agents for s in a.services}
         if (body.host_id, body.service) not in runs:
             self._log.warning("report.unrelated", kind=body.KIND, host_id=body.host_id,
                               service=body.service)  # fmt: skip
@@ -391,23 +398,23 @@ class Coordinator:
     async def _emit_deployment(self, deployment_id: str) -> None:
         """deployment.<state>; at the end also release.<state> and, for a rollback that
         completed, deployment.rolled_back with its trigger and reason (SPEC 5, 6.2)."""
-        row = await self.store.deployment(deployment_id)
-        if row is None:
+        record = await self.store.deployment(deployment_id)
+        if record is None:
             return
-        doc = views.deployment(row)
+        doc = views.deployment(record)
         await self._publish_event(f"deployment.{doc['state']}", doc)
-        if row["ended_at"] is None:
+        if record.ended_at is None:
             return
-        rolled_back = row["kind"] == "rollback" and doc["state"] == "completed"
+        rolled_back = record.kind == "rollback" and doc["state"] == "completed"
         if rolled_back:
             await self._publish_event("deployment.rolled_back", doc)
-        releases = {r["release_id"]: r for r in await self.store.releases()}
-        made = releases.get(row["release_id"])
-        if made is not None and made["deployment_id"] == deployment_id:
-            await self._publish_event(f"release.{made['state']}", made)
-        left = releases.get(row["from_release_id"])
-        if rolled_back and left is not None and left["state"] == "bad":
-            await self._publish_event("release.bad", left)
+        releases = {r.id: r for r in await self.store.releases()}
+        made = releases.get(record.release_id) if record.release_id is not None else None
+        if made is not None and made.deployment_id == deployment_id:
+            await self._publish_event(f"release.{made.state}", views.release(made))
+        left = releases.get(record.from_release_id) if record.from_release_id is not None else None
+        if rolled_back and left is not None and left.state == "bad":
+            await self._publish_event("release.bad", views.release(left))
 
     async def _emit(self, deployment_id: str | None, kind: str, data: dict[str, Any]) -> None:
         await self.store.add_events(deployment_id, [(kind, data)])

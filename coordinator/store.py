@@ -17,9 +17,11 @@ from typing import Any
 import aiosqlite
 
 from coordinator import outcome
-from coordinator.deployment import TERMINAL, Participant
+from coordinator.deployment import TERMINAL, Deployment, Participant, from_dict, to_dict
+from coordinator.records import AgentRecord, DeploymentRecord, EventRecord, Registered, Release
 from coordinator.trust import KnownKey
 from shared.errors import UserError
+from shared.messages import ServiceState
 from shared.specs import ServiceVersion
 
 _SCHEMA = """
@@ -101,21 +103,22 @@ class Store:
         specs = [ServiceVersion.model_validate_json(r["spec"]) for r in rows]
         return {s.key: s for s in specs}
 
-    async def register(self, versions: list[ServiceVersion]) -> list[dict[str, str]]:
+    async def register(self, versions: list[ServiceVersion]) -> list[Registered]:
         """Add `versions` all or none; identical ones are no-ops, changed ones refused."""
         known = {
             (r["name"], r["version"]): r["digest"]
             for r in await self._rows("SELECT name, version, digest FROM catalog")
         }
-        results, new = [], []
+        results: list[Registered] = []
+        new: list[ServiceVersion] = []
         for i, spec in enumerate(versions):
             existing = known.get(spec.key)
             if existing is None:
                 new.append(spec)
                 known[spec.key] = digest(spec)
-                results.append({"name": spec.name, "version": spec.version, "result": "added"})
+                results.append(Registered(spec.name, spec.version, "added"))
             elif existing == digest(spec):
-                results.append({"name": spec.name, "version": spec.version, "result": "unchanged"})
+                results.append(Registered(spec.name, spec.version, "unchanged"))
             else:
                 raise UserError(
                     f"versions[{i}]",
@@ -137,78 +140,76 @@ class Store:
         if not rows:
             return None, {}
         release_id = int(rows[0]["value"])
-        release = await self._rows("SELECT services FROM releases WHERE id = ?", release_id)
-        return release_id, json.loads(release[0]["services"])
+        return release_id, await self._release_services(release_id)
 
-    async def releases(self) -> list[dict[str, Any]]:
+    async def releases(self) -> list[Release]:
+        """Every release, newest first."""
         rows = await self._rows("SELECT * FROM releases ORDER BY id DESC")
         return [
-            {
-                "release_id": r["id"],
-                "services": json.loads(r["services"]),
-                "state": r["state"],
-                "created_at": r["created_at"],
-                "deployment_id": r["deployment_id"],
-            }
+            Release(r["id"], json.loads(r["services"]), r["state"], r["created_at"],
+                    r["deployment_id"])
             for r in rows
-        ]
+        ]  # fmt: skip
 
     # --- deployments ----------------------------------------------------------------
 
     async def save_deployment(
         self,
-        machine: dict[str, Any],
+        machine: Deployment,
         events: list[tuple[str, dict[str, Any]]],
         changed: Sequence[Participant] | None = None,
     ) -> None:
         """Persist the machine state (and, when it ended, the release outcome) with its
         events, in one transaction: its header, and the participant rows in `changed`
         (every one `machine` lists, when None)."""
-        phase = machine["phase"]
+        phase = machine.phase
         ended = time.time() if phase in TERMINAL else None
         await self._db.execute(
             "UPDATE deployments SET machine = ?, state = ?, reason = ?, ended_at = ?, "
             "trigger = CASE WHEN ? != '' THEN ? ELSE trigger END WHERE id = ?",
-            (_header(machine), phase, machine["reason"], ended, machine.get("cause", ""),
-             machine.get("cause", ""), machine["id"]),
+            (_header(machine), phase, machine.reason, ended, machine.cause, machine.cause,
+             machine.id),
         )  # fmt: skip
         await self._write_participants(machine, changed)
         if ended is not None:
-            await self._finish_release(machine["id"], phase)
-        await self._add_events(machine["id"], events)
+            await self._finish_release(machine.id, phase)
+        await self._add_events(machine.id, events)
         await self._db.commit()
 
     async def _write_participants(
-        self, machine: dict[str, Any], changed: Sequence[Participant] | None
+        self, machine: Deployment, changed: Sequence[Participant] | None
     ) -> None:
-        rows = [vars(p) for p in changed] if changed is not None else machine["participants"]
+        rows = machine.participants.values() if changed is None else changed
         await self._db.executemany(
             "INSERT INTO participants VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(deployment_id,"
             " host, service) DO UPDATE SET phase = excluded.phase, reason = excluded.reason",
-            [(machine["id"], r["host"], r["service"], r["version"], r["from_version"],
-              r["phase"], r["reason"]) for r in rows],
+            [(machine.id, p.host, p.service, p.version, p.from_version, p.phase, p.reason)
+             for p in rows],
         )  # fmt: skip
 
-    async def _with_participants(self, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """`found` with each machine's participants read from their rows (a deployment
-        stored before participants had rows keeps the ones in its machine)."""
-        if not found:
-            return found
-        ids = [d["deployment_id"] for d in found]
+    async def _records(
+        self, rows: list[aiosqlite.Row], *, participants: bool = True
+    ) -> list[DeploymentRecord]:
+        """The deployments of `rows`, each machine with its participants read from their
+        rows (a deployment stored before participants had rows keeps the ones in its
+        machine); without them if not `participants`."""
+        if not rows or not participants:
+            return [_deployment(r, None) for r in rows]
+        ids = [r["id"] for r in rows]
         marks = ", ".join("?" for _ in ids)
-        rows = await self._rows(
+        found = await self._rows(
             f"SELECT * FROM participants WHERE deployment_id IN ({marks}) ORDER BY rowid", *ids
         )
         by_deployment: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_deployment.setdefault(r["deployment_id"], []).append({
-                "host": r["host"], "service": r["service"], "version": r["version"],
-                "from_version": r["from_version"], "phase": r["phase"], "reason": r["reason"],
+        for p in found:
+            by_deployment.setdefault(p["deployment_id"], []).append({
+                "host": p["host"], "service": p["service"], "version": p["version"],
+                "from_version": p["from_version"], "phase": p["phase"], "reason": p["reason"],
             })  # fmt: skip
-        for d in found:
-            if d["deployment_id"] in by_deployment or "participants" not in d["machine"]:
-                d["machine"]["participants"] = by_deployment.get(d["deployment_id"], [])
-        return found
+        return [_deployment(r, by_deployment.get(r["id"])) for r in rows]
+
+    async def _record(self, rows: list[aiosqlite.Row]) -> DeploymentRecord | None:
+        return (await self._records(rows[:1]))[0] if rows else None
 
     async def approved_hosts(self) -> set[str]:
         rows = await self._rows("SELECT host_id FROM agents WHERE key_state = 'approved'")
@@ -272,7 +273,7 @@ class Store:
         target: dict[str, str],
         request: dict[str, Any],
         locks: list[str],
-        machine: dict[str, Any],
+        machine: Deployment,
         requested_by: str = "",
     ) -> None:
         """Record an accepted request that starts when its services are free (FIFO)."""
@@ -302,7 +303,7 @@ class Store:
         from_release_id: int | None,
         release_id: int | None,
         plan: dict[str, Any],
-        machine: dict[str, Any],
+        machine: Deployment,
     ) -> None:
         """A queued deployment starts: its release (new if `release_id` is None) and plan."""
         new_release = release_id is None
@@ -316,7 +317,7 @@ class Store:
             (
                 release_id,
                 from_release_id,
-                machine["phase"],
+                machine.phase,
                 json.dumps(target, sort_keys=True),
                 json.dumps(stored),
                 _header(machine),
@@ -325,7 +326,7 @@ class Store:
             ),
         )
         await self._write_participants(machine, None)
-        await self._add_events(deployment_id, [(f"deployment.{machine['phase']}", {})])
+        await self._add_events(deployment_id, [(f"deployment.{machine.phase}", {})])
         await self._db.commit()
 
     async def deployed_pairs(self) -> set[tuple[str, str]]:
@@ -337,25 +338,28 @@ class Store:
         rows = await self._rows("SELECT MAX(ended_at) AS t FROM deployments")
         return float(rows[0]["t"] or 0.0)
 
-    async def deployment(self, deployment_id: str) -> dict[str, Any] | None:
-        rows = await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id)
-        return (await self._with_participants([_deployment(rows[0])]))[0] if rows else None
+    async def deployment(self, deployment_id: str) -> DeploymentRecord | None:
+        return await self._record(
+            await self._rows("SELECT * FROM deployments WHERE id = ?", deployment_id)
+        )
 
-    async def deployment_by_request(self, request_id: str) -> dict[str, Any] | None:
-        rows = await self._rows("SELECT * FROM deployments WHERE request_id = ?", request_id)
-        return (await self._with_participants([_deployment(rows[0])]))[0] if rows else None
+    async def deployment_by_request(self, request_id: str) -> DeploymentRecord | None:
+        return await self._record(
+            await self._rows("SELECT * FROM deployments WHERE request_id = ?", request_id)
+        )
 
-    async def in_flight(self) -> list[dict[str, Any]]:
+    async def in_flight(self) -> list[DeploymentRecord]:
         """Every deployment not ended, queued ones included, newest first (no cap:
         recovery and the lock sets must see them all)."""
         rows = await self._rows(
             "SELECT * FROM deployments WHERE ended_at IS NULL ORDER BY started_at DESC, rowid DESC"
         )
-        return await self._with_participants([_deployment(r) for r in rows])
+        return await self._records(rows)
 
-    async def deployments(self, *, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+    async def deployments(self, *, limit: int, before: str | None = None) -> list[DeploymentRecord]:
         """A page of the history, newest first: at most `limit` deployments started before
-        the deployment `before` (from the newest when None)."""
+        the deployment `before` (from the newest when None). Their machines come without
+        participants (a page of the history shows none: it never reads their rows)."""
         where, args = "", tuple[str, ...]()
         if before is not None:
             where = ("WHERE (started_at, rowid) < (SELECT started_at, rowid FROM deployments"
@@ -365,9 +369,9 @@ class Store:
             f"SELECT * FROM deployments {where} ORDER BY started_at DESC, rowid DESC LIMIT ?",
             *args, limit,
         )  # fmt: skip
-        return [_deployment(r) for r in rows]
+        return await self._records(rows, participants=False)
 
-    async def last_completed(self) -> dict[str, Any] | None:
+    async def last_completed(self) -> DeploymentRecord | None:
         """The deployment that made the current release current, if any."""
         release_id, _ = await self.current_release()
         rows = await self._rows(
@@ -375,7 +379,7 @@ class Store:
             "ORDER BY ended_at DESC LIMIT 1",
             release_id,
         )
-        return (await self._with_participants([_deployment(rows[0])]))[0] if rows else None
+        return await self._record(rows)
 
     # --- agents -------------------------------------------------------------------
 
@@ -448,22 +452,22 @@ class Store:
         )
         await self._db.commit()
 
-    async def agents(self, *, approved_only: bool = True) -> list[dict[str, Any]]:
+    async def agents(self, *, approved_only: bool = True) -> list[AgentRecord]:
         """The agents whose keys are approved (every enrolled one with `approved_only`
         False: only `lockstep agents` lists the others)."""
         where = "WHERE key_state = 'approved'" if approved_only else ""
         rows = await self._rows(f"SELECT * FROM agents {where} ORDER BY host_id")
         return [
-            {
-                "host_id": r["host_id"],
-                "labels": json.loads(r["labels"]),
-                "services": json.loads(r["services"]),
-                "last_seen": r["last_seen"],
-                "state": r["state"],
-                "overwrite": bool(r["overwrite"]),
-                "key_state": r["key_state"],
-                "public_key": r["public_key"],
-            }
+            AgentRecord(
+                host_id=r["host_id"],
+                labels=json.loads(r["labels"]),
+                services=tuple(ServiceState.model_validate(s) for s in json.loads(r["services"])),
+                last_seen=r["last_seen"],
+                state=r["state"],
+                overwrite=bool(r["overwrite"]),
+                key_state=r["key_state"],
+                public_key=r["public_key"],
+            )
             for r in rows
         ]
 
@@ -532,41 +536,38 @@ class Store:
         await self._add_events(deployment_id, events)
         await self._db.commit()
 
-    async def events(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    async def events(self, after: int = 0, limit: int = 1000) -> list[EventRecord]:
         rows = await self._rows(
             "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", after, limit
         )
         return [
-            {
-                "seq": r["seq"],
-                "ts": r["ts"],
-                "type": r["type"],
-                "deployment_id": r["deployment_id"],
-                "data": json.loads(r["data"]),
-            }
+            EventRecord(r["seq"], r["ts"], r["type"], r["deployment_id"], json.loads(r["data"]))
             for r in rows
         ]
 
 
-def _header(machine: dict[str, Any]) -> str:
+def _header(machine: Deployment) -> str:
     """The machine's JSON without its participants (they have rows of their own)."""
-    return json.dumps({k: v for k, v in machine.items() if k != "participants"})
+    return json.dumps({k: v for k, v in to_dict(machine).items() if k != "participants"})
 
 
-def _deployment(row: aiosqlite.Row) -> dict[str, Any]:
-    return {
-        "deployment_id": row["id"],
-        "request_id": row["request_id"],
-        "release_id": row["release_id"],
-        "from_release_id": row["from_release_id"],
-        "trigger": row["trigger"],
-        "state": row["state"],
-        "reason": row["reason"],
-        "services": json.loads(row["services"]),
-        "plan": json.loads(row["plan"]),
-        "machine": json.loads(row["machine"]),
-        "started_at": row["started_at"],
-        "ended_at": row["ended_at"],
-        "kind": row["kind"],
-        "requested_by": row["requested_by"],
-    }
+def _deployment(row: aiosqlite.Row, participants: list[dict[str, Any]] | None) -> DeploymentRecord:
+    machine = json.loads(row["machine"])
+    if participants is not None or "participants" not in machine:
+        machine["participants"] = participants or []
+    return DeploymentRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        release_id=row["release_id"],
+        from_release_id=row["from_release_id"],
+        trigger=row["trigger"],
+        state=row["state"],
+        reason=row["reason"],
+        services=json.loads(row["services"]),
+        plan=json.loads(row["plan"]),
+        machine=from_dict(machine),
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        kind=row["kind"],
+        requested_by=row["requested_by"],
+    )

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from coordinator.deployment import Deployment, Key
+from coordinator.records import DeploymentRecord
 
 SEVERITIES = ("info", "warning", "error", "critical")
+COMPENSABLE = ("committing", "holding", "paused", "baking")
+"""Phases of a deploy in flight that an alert fails (it reverts what it committed)."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,11 @@ class Rollback:
 Decision = Ignore | FailInFlight | Rollback
 
 
-def _touches(row: Mapping[str, Any], service: str) -> bool:
+def _touches(record: DeploymentRecord, service: str) -> bool:
     """Whether a deployment in flight (or still queued) holds `service`."""
-    if service in row.get("plan", {}).get("locks", []):
+    if service in record.locks:
         return True
-    return any(p["service"] == service for p in row["machine"]["participants"])
+    return any(p.service == service for p in record.machine.participants.values())
 
 
 def on_alert(
@@ -49,8 +52,8 @@ def on_alert(
     *,
     threshold: str,
     current: Mapping[str, str],
-    in_flight: Sequence[Mapping[str, Any]],
-    last_completed: Mapping[str, Any] | None,
+    in_flight: Sequence[DeploymentRecord],
+    last_completed: DeploymentRecord | None,
     now: float,
     window: float,
 ) -> Decision:
@@ -61,21 +64,16 @@ def on_alert(
         return Ignore(f"severity {severity} is below the threshold {threshold}")
     if service not in current:
         return Ignore(f"{service} is not in the current release")
-    for row in in_flight:
-        if _touches(row, service):
-            if row["kind"] == "deploy" and row["state"] in (
-                "committing",
-                "holding",
-                "paused",
-                "baking",
-            ):
-                return FailInFlight(row["deployment_id"])
-            return Ignore(f"deployment {row['deployment_id']} is already in flight for {service}")
-    if last_completed is None or last_completed["kind"] != "deploy":
+    for record in in_flight:
+        if _touches(record, service):
+            if record.kind == "deploy" and record.state in COMPENSABLE:
+                return FailInFlight(record.id)
+            return Ignore(f"deployment {record.id} is already in flight for {service}")
+    if last_completed is None or last_completed.kind != "deploy":
         return Ignore("the current release was not deployed forward; nothing to roll back")
-    if now - float(last_completed["ended_at"]) > window:
+    if now - float(last_completed.ended_at or 0.0) > window:
         return Ignore("outside the auto-rollback window of the current release")
-    scope = last_completed["machine"]["strategy"]["rollback_scope"]
+    scope = last_completed.machine.strategy.rollback_scope
     return Rollback(scope, (service,) if scope == "dependents" else ())
 
 
@@ -95,17 +93,15 @@ def on_inquiry(deployment: Deployment | None, key: Key) -> Literal["commit", "ab
 
 
 def on_host_failure(
-    host: str, service: str, version: str | None, in_flight: Sequence[Mapping[str, Any]]
+    host: str, service: str, version: str | None, in_flight: Sequence[DeploymentRecord]
 ) -> str | None:
     """The deployment to compensate for a failure of `service` on `host`, if any.
 
     Only a participant that already committed `version` counts: a failure during its own
     commit is that commit's result, and one after the deployment ended is for alerts.
     """
-    for row in in_flight:
-        for p in row["machine"]["participants"]:
-            if (p["host"], p["service"], p["version"]) == (host, service, version) and p[
-                "phase"
-            ] == "committed":
-                return str(row["deployment_id"])
+    for record in in_flight:
+        p = record.machine.participants.get((host, service))
+        if p is not None and p.version == version and p.phase == "committed":
+            return record.id
     return None

@@ -1,24 +1,25 @@
 """The JSON documents the coordinator answers queries with (SPEC 4 `--json` fields).
 
-Pure functions from store rows to documents; the CLI prints these as they are with
-`--json`, or renders them as text.
+Pure functions from the store's records (coordinator.records) to documents: the
+coordinator's request handlers answer with them and publishes them on lockstep.events;
+the CLI prints them as they are with `--json`, or renders them as text.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from coordinator import machine
+from coordinator.records import AgentRecord, DeploymentRecord, EventRecord, Registered, Release
 from shared import signing
 
 
-def alive(agent: dict[str, Any], now: float, lost_after: float) -> bool:
-    return bool(now - agent["last_seen"] <= lost_after)
+def alive(last_seen: float, now: float, lost_after: float) -> bool:
+    """Whether a host last heard of at `last_seen` still counts as alive at `now`."""
+    return now - last_seen <= lost_after
 
 
-def deployment(row: dict[str, Any]) -> dict[str, Any]:
+def deployment(record: DeploymentRecord) -> dict[str, Any]:
     """One deployment with its participants (what `deploy --wait --json` prints)."""
-    state = machine.from_dict(row["machine"])
     participants = [
         {
             "host": p.host,
@@ -28,103 +29,132 @@ def deployment(row: dict[str, Any]) -> dict[str, Any]:
             "state": p.phase,
             "reason": p.reason,
         }
-        for p in sorted(state.participants.values(), key=lambda p: (p.host, p.service))
+        for p in sorted(record.machine.participants.values(), key=lambda p: (p.host, p.service))
     ]
     return {
-        "deployment_id": row["deployment_id"],
-        "release_id": row["release_id"],
-        "from_release_id": row["from_release_id"],
-        "state": row["state"],
-        "reason": row["reason"],
-        "trigger": row["trigger"],
-        "requested_by": row["requested_by"],
-        "services": row["services"],
+        "deployment_id": record.id,
+        "release_id": record.release_id,
+        "from_release_id": record.from_release_id,
+        "state": record.state,
+        "reason": record.reason,
+        "trigger": record.trigger,
+        "requested_by": record.requested_by,
+        "services": record.services,
         "participants": participants,
-        "started_at": row["started_at"],
-        "ended_at": row["ended_at"],
+        "started_at": record.started_at,
+        "ended_at": record.ended_at,
     }
 
 
-def history(
-    rows: list[dict[str, Any]], releases: list[dict[str, Any]], limit: int
-) -> dict[str, Any]:
+def release(record: Release) -> dict[str, Any]:
+    """One release (in `history --json`, and the data of `release.<state>` events)."""
+    return {
+        "release_id": record.id,
+        "services": record.services,
+        "state": record.state,
+        "created_at": record.created_at,
+        "deployment_id": record.deployment_id,
+    }
+
+
+def history(records: list[DeploymentRecord], releases: list[Release], limit: int) -> dict[str, Any]:
     """One page of deployments (newest first) with `next_before`, the cursor of the next
     page (None at the end), and every release."""
-    keys = (
-        "deployment_id",
-        "release_id",
-        "from_release_id",
-        "state",
-        "trigger",
-        "reason",
-        "services",
-        "started_at",
-        "ended_at",
-        "requested_by",
-    )
     return {
-        "deployments": [{k: r[k] for k in keys} for r in rows],
-        "next_before": rows[-1]["deployment_id"] if len(rows) == limit else None,
-        "releases": releases,
+        "deployments": [
+            {
+                "deployment_id": r.id,
+                "release_id": r.release_id,
+                "from_release_id": r.from_release_id,
+                "state": r.state,
+                "trigger": r.trigger,
+                "reason": r.reason,
+                "services": r.services,
+                "started_at": r.started_at,
+                "ended_at": r.ended_at,
+                "requested_by": r.requested_by,
+            }
+            for r in records
+        ],
+        "next_before": records[-1].id if len(records) == limit else None,
+        "releases": [release(r) for r in releases],
     }
+
+
+def services(agent: AgentRecord) -> list[dict[str, Any]]:
+    """What a host runs, as it reported it."""
+    return [s.model_dump(mode="json", exclude_unset=True) for s in agent.services]
 
 
 def agents(
-    rows: list[dict[str, Any]], now: float, lost_after: float, heard: dict[str, float]
+    records: list[AgentRecord], now: float, lost_after: float, heard: dict[str, float]
 ) -> dict[str, Any]:
     """Every enrolled agent; one whose key is not approved is alive while it reports
     (`heard`), though nothing it says is believed."""
     return {
         "agents": [
             {
-                "host_id": a["host_id"],
-                "labels": a["labels"],
-                "state": "alive" if alive(
-                    {"last_seen": _last_seen(a, heard)}, now, lost_after
-                ) else "lost",
-                "key_state": a["key_state"],
-                "fingerprint": signing.fingerprint(a["public_key"]) if a["public_key"] else None,
-                "last_seen": a["last_seen"],
-                "last_heard": _last_seen(a, heard),
-                "services": a["services"],
+                "host_id": a.host_id,
+                "labels": a.labels,
+                "state": "alive" if alive(_last_heard(a, heard), now, lost_after) else "lost",
+                "key_state": a.key_state,
+                "fingerprint": signing.fingerprint(a.public_key) if a.public_key else None,
+                "last_seen": a.last_seen,
+                "last_heard": _last_heard(a, heard),
+                "services": services(a),
             }
-            for a in rows
+            for a in records
         ]
     }
 
 
-def _last_seen(agent: dict[str, Any], heard: dict[str, float]) -> float:
+def _last_heard(agent: AgentRecord, heard: dict[str, float]) -> float:
     """When the agent last reported: believed (stored), or merely heard (a key that is
     not approved: nothing it says is stored, `last_seen` included)."""
-    return max(float(agent["last_seen"]), heard.get(agent["host_id"], 0.0))
+    return max(float(agent.last_seen), heard.get(agent.host_id, 0.0))
 
 
 def status(
     release_id: int | None,
-    services: dict[str, str],
-    in_flight: list[dict[str, Any]],
-    agent_rows: list[dict[str, Any]],
+    current: dict[str, str],
+    in_flight: list[DeploymentRecord],
+    agent_records: list[AgentRecord],
     now: float,
     lost_after: float,
 ) -> dict[str, Any]:
-    desired = in_flight[0]["release_id"] if in_flight else release_id
+    desired = in_flight[0].release_id if in_flight else release_id
     hosts = [
         {
-            "host_id": a["host_id"],
-            "alive": alive(a, now, lost_after),
-            "labels": a["labels"],
-            "last_seen": a["last_seen"],
+            "host_id": a.host_id,
+            "alive": alive(a.last_seen, now, lost_after),
+            "labels": a.labels,
+            "last_seen": a.last_seen,
             "services": [
-                {"service": s["service"], "version": s["version"], "health": s["health"]}
-                for s in a["services"]
+                {"service": s.service, "version": s.version, "health": s.health} for s in a.services
             ],
         }
-        for a in agent_rows
+        for a in agent_records
     ]
     return {
         "release_id": release_id,
         "desired_release_id": desired,
-        "services": services,
-        "deployments_in_flight": [r["deployment_id"] for r in in_flight],
+        "services": current,
+        "deployments_in_flight": [r.id for r in in_flight],
         "hosts": hosts,
     }
+
+
+def event(record: EventRecord) -> dict[str, Any]:
+    """One recorded event (`lockstep events`)."""
+    return {
+        "seq": record.seq,
+        "ts": record.ts,
+        "type": record.type,
+        "deployment_id": record.deployment_id,
+        "data": record.data,
+    }
+
+
+def registered(results: list[Registered]) -> list[dict[str, str]]:
+    """What `lockstep register` did for each version."""
+    return [{"name": r.name, "version": r.version, "result": r.result} for r in results]

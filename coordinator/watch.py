@@ -22,6 +22,7 @@ from typing import Any
 from coordinator import convergence, views
 from coordinator.intake import Intake, Request
 from coordinator.liveness import Liveness
+from coordinator.records import AgentRecord
 from coordinator.store import Store
 from shared import log
 from shared.config import CoordinatorSettings
@@ -74,28 +75,25 @@ class Watch:
         catalog = await self.store.catalog()
         deployed = await self.store.deployed_pairs()
         for agent in agents:
-            if views.alive(agent, now, self.lost_after):
+            if views.alive(agent.last_seen, now, self.lost_after):
                 await self._converge(agent, release, catalog, deployed, now)
 
-    async def _liveness(self, agent: dict[str, Any], now: float) -> None:
-        alive = views.alive(agent, now, self.lost_after)
-        if alive == (agent["state"] == "alive"):
+    async def _liveness(self, agent: AgentRecord, now: float) -> None:
+        alive = views.alive(agent.last_seen, now, self.lost_after)
+        if alive == (agent.state == "alive"):
             return
         state, event = ("alive", "agent.returned") if alive else ("lost", "agent.lost")
-        await self.store.set_agent(agent["host_id"], state=state)
-        self._log.info(event, host_id=agent["host_id"])
-        await self._emit(
-            None, event, {"host_id": agent["host_id"], "last_seen": agent["last_seen"]}
-        )
+        await self.store.set_agent(agent.host_id, state=state)
+        self._log.info(event, host_id=agent.host_id)
+        await self._emit(None, event, {"host_id": agent.host_id, "last_seen": agent.last_seen})
 
     async def _converge(
-        self, agent: dict[str, Any], release: dict[str, str], catalog: Any,
+        self, agent: AgentRecord, release: dict[str, str], catalog: Any,
         deployed: set[tuple[str, str]], now: float,
     ) -> None:  # fmt: skip
-        host = agent["host_id"]
-        running = {s["service"]: s["version"] for s in agent["services"]}
-        want = convergence.desired(agent["labels"], release, catalog)
-        drift = convergence.drift(want, running, deployed, agent["overwrite"])
+        host = agent.host_id
+        want = convergence.desired(agent.labels, release, catalog)
+        drift = convergence.drift(want, agent.running(), deployed, agent.overwrite)
         for name, version in drift.unknown.items():
             if (host, name, version) not in self._reported:
                 self._reported.add((host, name, version))
@@ -115,5 +113,5 @@ class Watch:
         except UserError as e:
             self._log.info("converge.skipped", host_id=host, reason=str(e))
             return
-        if agent["overwrite"]:
+        if agent.overwrite:
             await self.store.set_agent(host, overwrite=False)

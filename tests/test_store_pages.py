@@ -20,7 +20,7 @@ async def _queue(store: Store, count: int) -> list[str]:
         await store.queue_deployment(
             deployment_id=deployment_id, request_id=f"r{deployment_id}", trigger="operator",
             kind="deploy", target={"orders": "1.0.0"}, request={}, locks=["orders"],
-            machine=machine.to_dict(machine.queued(deployment_id, Strategy())),
+            machine=machine.queued(deployment_id, Strategy()),
         )  # fmt: skip
     return ids
 
@@ -31,7 +31,7 @@ async def test_every_in_flight_and_queued_deployment_is_seen_past_a_hundred(
     store = await Store.open(tmp_path / "coordinator.db")
     try:
         ids = await _queue(store, 250)
-        assert {r["deployment_id"] for r in await store.in_flight()} == set(ids)
+        assert {r.id for r in await store.in_flight()} == set(ids)
     finally:
         await store.close()
 
@@ -44,10 +44,10 @@ async def test_history_pages_through_everything_with_limit_and_before(tmp_path: 
         before = None
         while True:
             page = await store.deployments(limit=10, before=before)
-            seen += [r["deployment_id"] for r in page]
+            seen += [r.id for r in page]
             if len(page) < 10:
                 break
-            before = page[-1]["deployment_id"]
+            before = page[-1].id
         assert seen == list(reversed(ids))
     finally:
         await store.close()

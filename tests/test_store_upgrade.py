@@ -42,7 +42,7 @@ async def test_hosts_recorded_before_keys_existed_enroll_with_their_first_key(
         assert (known.public_key, known.state) == (key, "pending")
         await store.set_key_state("host-a", "approved")
         [agent] = await store.agents()
-        assert agent["services"][0]["version"] == "1.0.0"
+        assert agent.services[0].version == "1.0.0"
         other = signing.Signer(signing.generate()).public
         await store.enroll("host-a", other, {}, "approved")  # a second key changes nothing
         known = await store.known_key("host-a")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from coordinator import rollback, triggers
+from coordinator.deployment import Deployment, Participant
+from coordinator.records import DeploymentRecord, Release
 from shared.errors import UserError
-from shared.specs import ServiceVersion
+from shared.specs import ServiceVersion, Strategy
 
 
 def sv(name: str, version: str, requires: dict[str, str] | None = None) -> ServiceVersion:
@@ -27,10 +30,10 @@ def catalog(*specs: ServiceVersion) -> dict[tuple[str, str], ServiceVersion]:
 
 
 RELEASES = [
-    {"release_id": 4, "state": "bad", "services": {"orders": "3.0.0"}},
-    {"release_id": 3, "state": "good", "services": {"orders": "2.0.0"}},
-    {"release_id": 2, "state": "aborted", "services": {"orders": "1.5.0"}},
-    {"release_id": 1, "state": "good", "services": {"orders": "1.0.0"}},
+    Release(4, {"orders": "3.0.0"}, "bad", 4.0, "d4"),
+    Release(3, {"orders": "2.0.0"}, "good", 3.0, "d3"),
+    Release(2, {"orders": "1.5.0"}, "aborted", 2.0, "d2"),
+    Release(1, {"orders": "1.0.0"}, "good", 1.0, "d1"),
 ]
 
 
@@ -42,13 +45,13 @@ def test_last_good_is_the_newest_good_release_older_than_current(
     current_id: int | None, expected: int | None
 ) -> None:
     found = rollback.last_good(RELEASES, current_id)
-    assert (found["release_id"] if found else None) == expected
+    assert (found.id if found else None) == expected
 
 
 def test_rollback_to_a_bad_release_needs_force() -> None:
     with pytest.raises(UserError, match="marked bad"):
         rollback.named(RELEASES, 4, force=False)
-    assert rollback.named(RELEASES, 4, force=True)["release_id"] == 4
+    assert rollback.named(RELEASES, 4, force=True).id == 4
     with pytest.raises(UserError, match="no release 9"):
         rollback.named(RELEASES, 9, force=False)
 
@@ -95,20 +98,27 @@ def deployment(
     ended_at: float = 100.0,
     scope: str = "dependents",
     services: tuple[str, ...] = ("orders",),
-) -> dict[str, Any]:
-    return {
-        "deployment_id": f"{kind}-{state}",
-        "kind": kind,
-        "state": state,
-        "ended_at": ended_at,
-        "machine": {
-            "strategy": {"rollback_scope": scope},
-            "participants": [
-                {"host": "h", "service": s, "version": "2.0.0", "phase": "committed"}
-                for s in services
-            ],
-        },
+    phase: str = "committed",
+) -> DeploymentRecord:
+    """A deployment record whose participants on host h run `services` at 2.0.0."""
+    deployment_id = f"{kind}-{state}"
+    participants = {
+        ("h", s): Participant("h", s, "2.0.0", "1.0.0", phase)  # type: ignore[arg-type]
+        for s in services
     }
+    machine = Deployment(
+        deployment_id,
+        Strategy(rollback_scope=scope),
+        (),
+        {},
+        participants,
+        state,  # type: ignore[arg-type]
+    )
+    return DeploymentRecord(
+        id=deployment_id, request_id=None, release_id=2, from_release_id=1,
+        trigger="operator", state=state, reason="", services={"orders": "2.0.0"}, plan={},
+        machine=machine, started_at=50.0, ended_at=ended_at, kind=kind, requested_by="",
+    )  # fmt: skip
 
 
 def alert(severity: str = "critical", service: str = "orders", **facts: Any) -> triggers.Decision:
@@ -152,10 +162,10 @@ def alert(severity: str = "critical", service: str = "orders", **facts: Any) -> 
         (
             alert(
                 in_flight=[
-                    {
-                        **deployment(kind="rollback", state="queued", services=()),
-                        "plan": {"locks": ["orders"]},
-                    }
+                    replace(
+                        deployment(kind="rollback", state="queued", services=()),
+                        plan={"locks": ["orders"]},
+                    )
                 ]
             ),
             triggers.Ignore("deployment rollback-queued is already in flight for orders"),
@@ -173,12 +183,12 @@ def test_alert_decision_follows_threshold_window_scope_and_in_flight_rules(
 
 
 def test_host_failure_compensates_only_a_participant_that_committed_that_version() -> None:
-    rows = [deployment(state="baking")]
-    assert triggers.on_host_failure("h", "orders", "2.0.0", rows) == "deploy-baking"
-    assert triggers.on_host_failure("h", "orders", "1.0.0", rows) is None
-    assert triggers.on_host_failure("other", "orders", "2.0.0", rows) is None
-    rows[0]["machine"]["participants"][0]["phase"] = "committing"
-    assert triggers.on_host_failure("h", "orders", "2.0.0", rows) is None
+    records = [deployment(state="baking")]
+    assert triggers.on_host_failure("h", "orders", "2.0.0", records) == "deploy-baking"
+    assert triggers.on_host_failure("h", "orders", "1.0.0", records) is None
+    assert triggers.on_host_failure("other", "orders", "2.0.0", records) is None
+    committing = [deployment(state="baking", phase="committing")]
+    assert triggers.on_host_failure("h", "orders", "2.0.0", committing) is None
 
 
 # --- convergence and locks (issue 4) ---------------------------------------------------
