@@ -9,7 +9,7 @@ its own queue and write only to lockstep.reports, and declares that queue and it
 binding. Both print the AMQP URL of every user they created. `coordinator/cli/main.py`
 registers `broker_app`; nothing else calls this module.
 
-They talk to RabbitMQ's management HTTP API (stdlib urllib), not to rabbitmqctl:
+They talk to RabbitMQ's management HTTP API (`management.Management`), not to rabbitmqctl:
 the API works from an operator's machine with nothing but an admin URL, where
 rabbitmqctl must run on a broker node holding its Erlang cookie; and each object is
 one quick HTTP call, where every rabbitmqctl call starts an Erlang VM (about a second),
@@ -21,130 +21,22 @@ LOCKSTEP_MANAGEMENT_URL), by default LOCKSTEP_AMQP_URL's host and credentials on
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import json
 import re
-import secrets
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import typer
 
 from coordinator.cli.client import EXIT_BAD_INPUT, EXIT_UNREACHABLE, emit, fail
+from coordinator.cli.management import Management, rights
+from coordinator.cli.options import Json
 from shared import topology
 from shared.config import BrokerSettings
 from shared.errors import BrokerUnavailable, UserError
 from shared.specs import HOST
 
 ROLE_USERS = (topology.COORDINATOR_USER, topology.OPERATOR_USER, topology.ALERTS_USER)
-ENABLE_HINT = "enable it on the broker: `rabbitmq-plugins enable rabbitmq_management`"
-
-
-_DURABLE: dict[str, Any] = {"durable": True, "auto_delete": False, "arguments": {}}
-
-
-def _path(*parts: str) -> str:
-    """An API path; each part (a vhost "/" among them) percent-encoded."""
-    return "/".join(quote(part, safe="") for part in parts)
-
-
-class NotFound(Exception):
-    """The management API answered 404 (its reason attached)."""
-
-
-class Management:
-    """The management HTTP API of one RabbitMQ vhost: every call is one HTTP request."""
-
-    def __init__(self, url: str, vhost: str, timeout: float) -> None:
-        parts = urlsplit(url)
-        self.user = unquote(parts.username or "")
-        password = unquote(parts.password or "")
-        hostport = parts.netloc.rpartition("@")[2]
-        self.base = urlunsplit((parts.scheme, hostport, parts.path.rstrip("/"), "", ""))
-        self._auth = "Basic " + base64.b64encode(f"{self.user}:{password}".encode()).decode()
-        self.vhost = vhost
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """The decoded answer of one API call; `NotFound`, `UserError` (401/403, 400) or
-        `BrokerUnavailable` (no answer, 5xx) otherwise."""
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": self._auth, "Content-Type": "application/json"}
-        request = urllib.request.Request(f"{self.base}/api/{path}", data, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                text = answer.read()
-        except urllib.error.HTTPError as e:
-            self._refused(e.code, _reason(e), unquote(path))
-        except (OSError, ValueError) as e:  # URLError, refused, timeout; ValueError: bad URL
-            raise BrokerUnavailable(
-                f"cannot reach the RabbitMQ management API at {self.base} ({e}); "
-                f"{ENABLE_HINT}, or set --management-url / LOCKSTEP_MANAGEMENT_URL"
-            ) from e
-        return json.loads(text) if text.strip() else None
-
-    def _refused(self, status: int, reason: str, what: str) -> NoReturn:
-        if status in (401, 403):
-            raise UserError("--management-url", f"the management API refused user "
-                            f"{self.user!r} ({status}: {reason}); use an administrator, e.g. "
-                            "http://ADMIN:PASSWORD@HOST:15672")  # fmt: skip
-        if reason == "vhost_not_found":
-            raise UserError("LOCKSTEP_AMQP_URL", f"vhost {self.vhost!r} does not exist; "
-                            f"create it first (PUT /api/vhosts/{_path(self.vhost)})")  # fmt: skip
-        if status == 404:
-            raise NotFound(reason)
-        if status == 400:
-            raise UserError(what, f"the broker refused it: {reason}")
-        raise BrokerUnavailable(f"the management API failed on {what}: {status} {reason}")
-
-    def declare_exchange(self, spec: topology.Exchange) -> None:
-        body = {"type": spec.type, "internal": False, **_DURABLE}
-        self.call("PUT", _path("exchanges", self.vhost, spec.name), body)
-
-    def declare_queue(self, spec: topology.Queue) -> None:
-        """The queue with `declare_arguments()` and every binding of `spec`."""
-        body = {**_DURABLE, "arguments": spec.declare_arguments()}
-        self.call("PUT", _path("queues", self.vhost, spec.name), body)
-        for exchange, key in spec.bindings:
-            path = _path("bindings", self.vhost, "e", exchange, "q", spec.name)
-            self.call("POST", path, {"routing_key": key, "arguments": {}})
-
-    def require_exchange(self, name: str) -> None:
-        """`UserError` unless `name` exists: `broker setup` has not run on this vhost."""
-        try:
-            self.call("GET", _path("exchanges", self.vhost, name))
-        except NotFound as e:
-            reason = f"{name} does not exist on vhost {self.vhost!r}: run `lockstep broker setup`"
-            raise UserError("LOCKSTEP_AMQP_URL", reason) from e
-
-    def ensure_user(self, user: str) -> str | None:
-        """Create `user` with a generated password and its role's permissions; the
-        password, or None when the user existed (its password is left alone)."""
-        password: str | None = None
-        try:
-            self.call("GET", _path("users", user))
-        except NotFound:
-            password = secrets.token_urlsafe(24)
-            self.call("PUT", _path("users", user), {"password": password, "tags": ""})
-        self.call("PUT", _path("permissions", self.vhost, user), _rights(user))
-        return password
-
-
-def _rights(user: str) -> dict[str, str]:
-    """`user`'s permissions as the API (and definitions.json) spell them."""
-    return dataclasses.asdict(topology.permissions(user))
-
-
-def _reason(error: urllib.error.HTTPError) -> str:
-    """The `reason` of the API's JSON error document, or the HTTP reason phrase."""
-    try:
-        return str(json.loads(error.read())["reason"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return str(error.reason)
 
 
 # --- what the commands do ---------------------------------------------------------------
@@ -183,7 +75,7 @@ def _user_doc(api: Management, amqp_url: str, user: str) -> dict[str, Any]:
         "user": user,
         "created": password is not None,
         "amqp_url": url_for(amqp_url, user, password) if password is not None else None,
-        "permissions": _rights(user),
+        "permissions": rights(user),
     }
 
 
@@ -232,7 +124,6 @@ def add_agent(
 broker_app = typer.Typer(
     no_args_is_help=True, help="Broker users per role and the topology (management API)."
 )
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ManagementUrl = Annotated[
     str | None,
     typer.Option(

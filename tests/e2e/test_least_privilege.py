@@ -27,13 +27,8 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 
-from coordinator.cli.broker import (
-    Management,
-    NotFound,
-    default_management_url,
-    url_for,
-    vhost_of,
-)
+from coordinator.cli.broker import default_management_url, url_for, vhost_of
+from coordinator.cli.management import Management, NotFound
 from shared import topology
 from shared.errors import BrokerUnavailable
 from shared.specs import HOST
