@@ -208,9 +208,17 @@ class Bench:
 
     async def measure_idle(self) -> None:
         await asyncio.sleep(2.0)  # past the first deploy's last reports
+        profiler = (
+            self.ws.profile(self.pid, self.args.profile, f"{self.n}-idle")
+            if self.args.profile else None
+        )  # fmt: skip
         cpu, started = procstat.cpu_seconds(self.pid), time.monotonic()
-        await asyncio.sleep(self.args.idle_seconds)  # the measurement window itself
-        used = procstat.cpu_seconds(self.pid) - cpu
+        try:
+            await asyncio.sleep(self.args.idle_seconds)  # the measurement window itself
+            used = procstat.cpu_seconds(self.pid) - cpu
+        finally:
+            if profiler is not None:
+                self.ws.stop_profile(profiler)
         self.row["idle_cpu_pct"] = round(100 * used / (time.monotonic() - started), 1)
         self.row["load_idle"] = procstat.load()
         self.say(f"idle: {self.row['idle_cpu_pct']} % of a core")

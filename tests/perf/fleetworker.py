@@ -11,6 +11,8 @@ JSON line on stdout:
 - `agents`: start one `agent.service.Agent` per host, each with its own state dir,
   store, key pair and command queue, sharing the worker's connections (a channel pair
   each: `Broker(share=...)`), running services through `tests.perf.perfdriver`.
+- `agents_stop`: stop every agent (a host going down); `agents` starts them again,
+  with the same state dirs, keys and stores (the host coming back).
 - `stop` (or stdin closed, or SIGTERM): stop every agent, close the connections, exit.
 
 Agents log at warning level only: one process logging for hundreds of hosts would
@@ -108,6 +110,12 @@ class Worker:
                 "failed": len(results) - sum(results),
                 "seconds": round(time.monotonic() - started, 2)}  # fmt: skip
 
+    async def stop_agents(self) -> dict[str, Any]:
+        """Stop every agent (as a host going down would); their state dirs stay."""
+        agents, self.agents = self.agents, []
+        await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
+        return {"event": "agents_stopped", "stopped": len(agents)}
+
     async def stop(self) -> None:
         await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
         await self.floor_stop()
@@ -137,7 +145,7 @@ async def serve(config: dict[str, Any]) -> None:
         await worker.connect()
         _say({"event": "connected", "connections": len(worker.hubs)})
         commands = {"floor": worker.floor, "floor_stop": worker.floor_stop,
-                    "agents": worker.start_agents}  # fmt: skip
+                    "agents": worker.start_agents, "agents_stop": worker.stop_agents}  # fmt: skip
         while not stopping.is_set():
             read = asyncio.ensure_future(reader.readline())
             stop = asyncio.ensure_future(stopping.wait())

@@ -64,7 +64,7 @@ class Workspace:
         self.track(proc.pid)
         return proc
 
-    def profile(self, pid: int, where: Path, n: int) -> subprocess.Popen[bytes]:
+    def profile(self, pid: int, where: Path, n: int | str) -> subprocess.Popen[bytes]:
         """Sample `pid` with py-spy (raw collapsed stacks, without pausing it) until
         `stop_profile`; the file is <where>/coordinator-<n>.txt."""
         where.mkdir(parents=True, exist_ok=True)
