@@ -194,6 +194,35 @@ class Finished:
 Action = Send | StartTimer | Finished
 
 
+def new(
+    deployment_id: str,
+    strategy: Strategy,
+    steps: list[list[Participant]],
+    rank: dict[str, int],
+    reason: str = "",
+) -> Deployment:
+    """A deployment in `preparing`, before anything was sent; `reason` says why it exists."""
+    return Deployment(
+        reason=reason,
+        id=deployment_id,
+        strategy=strategy,
+        steps=tuple(tuple(p.key for p in step) for step in steps),
+        rank=dict(rank),
+        participants={p.key: p for step in steps for p in step},
+    )
+
+
+def queued(deployment_id: str, strategy: Strategy, reason: str = "") -> Deployment:
+    """A deployment waiting for its services to be free; planned when it starts."""
+    return Deployment(deployment_id, strategy, (), {}, {}, phase="queued", reason=reason)
+
+
+def finish(d: Deployment, phase: Phase, reason: str) -> tuple[Deployment, list[Action]]:
+    """The deployment ended in `phase` (with `reason`, or the one it has)."""
+    reason = reason or d.reason
+    return replace(d, phase=phase, reason=reason), [Finished(phase, reason)]
+
+
 def to_dict(d: Deployment) -> dict[str, object]:
     """JSON-able form of `d`, for the store."""
     return {

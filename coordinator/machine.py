@@ -11,24 +11,16 @@ commit (or a failure while baking) -> reverting -> rolled_back, or failed when a
 revert fails. Late and duplicate events are ignored, so a message delivered twice
 has its effect once (I5).
 
-Prepare flow control (`max_parallel_prepare`, default all): at most that many
-participants have a prepare in flight. They go out in plan order (the commit batches
-in turn); the rest wait `queued`, and each YES vote, or a silent participant written
-off as unavailable, lets the next one go. The prepare timeout runs per wave: wave w is
-the w-th run of `max_parallel_prepare` participants in plan order, and its timer
-(`prepare` for wave 0, `prepare:<w>` after) starts once its last member is sent its
-prepare. When it fires, the members of that wave still silent are late: beyond
-`allow_unavailable` hosts (counted over the whole deployment) that aborts, otherwise
-they are left out as unavailable and their slots go to the next ones. So every
-participant gets at least `prepare_timeout` to vote, however long the queue before it,
-and a phase with every prepare in flight at once keeps its one `prepare` timer.
+Prepare flow control (`max_parallel_prepare`): see coordinator/waves.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from coordinator.deployment import (
+from coordinator import waves
+from coordinator.compensation import after_revert_result, compensate
+from coordinator.deployment import (  # the machine's vocabulary, re-exported for its callers
     ABORT_WAIT,
     TERMINAL,
     Action,
@@ -48,60 +40,18 @@ from coordinator.deployment import (
     StepDone,
     TimedOut,
     Voted,
+    finish,
     from_dict,
+    new,
+    queued,
     to_dict,
-)
-from shared.specs import Strategy
+)  # fmt: skip
 
 __all__ = [
-    "ABORT_WAIT",
-    "TERMINAL",
-    "Action",
-    "Control",
-    "Deployment",
-    "Event",
-    "Failed",
-    "Finished",
-    "Key",
-    "PPhase",
-    "Participant",
-    "Phase",
-    "Recovered",
-    "Send",
-    "StartTimer",
-    "Started",
-    "StepDone",
-    "TimedOut",
-    "Voted",
-    "from_dict",
-    "new",
-    "queued",
-    "step",
-    "to_dict",
-]
-
-
-def new(
-    deployment_id: str,
-    strategy: Strategy,
-    steps: list[list[Participant]],
-    rank: dict[str, int],
-    reason: str = "",
-) -> Deployment:
-    """A deployment in `preparing`, before anything was sent; `reason` says why it exists."""
-    return Deployment(
-        reason=reason,
-        id=deployment_id,
-        strategy=strategy,
-        steps=tuple(tuple(p.key for p in step) for step in steps),
-        rank=dict(rank),
-        participants={p.key: p for step in steps for p in step},
-    )
-
-
-def queued(deployment_id: str, strategy: Strategy, reason: str = "") -> Deployment:
-    """A deployment waiting for its services to be free; planned when it starts."""
-    return Deployment(deployment_id, strategy, (), {}, {}, phase="queued", reason=reason)
+    "ABORT_WAIT", "TERMINAL", "Action", "Control", "Deployment", "Event", "Failed",
+    "Finished", "Key", "PPhase", "Participant", "Phase", "Recovered", "Send", "StartTimer",
+    "Started", "StepDone", "TimedOut", "Voted", "from_dict", "new", "queued", "step", "to_dict",
+]  # fmt: skip
 
 
 def step(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
@@ -134,13 +84,13 @@ def _failed(d: Deployment, e: Failed) -> tuple[Deployment, list[Action]]:
             return d, []
         return replace(d, failing=True, reason=e.reason, cause=e.cause), []
     if d.phase in ("baking", "holding", "paused"):
-        return _compensate(replace(d, failing=True, cause=e.cause), e.reason)
+        return compensate(replace(d, failing=True, cause=e.cause), e.reason)
     return d, []
 
 
 def _while_queued(d: Deployment, event: Event) -> tuple[Deployment, list[Action]]:
     if event == Control("abort"):
-        return _finish(d, "aborted", "cancelled by an operator before it started")
+        return finish(d, "aborted", "cancelled by an operator before it started")
     return d, []
 
 
@@ -156,13 +106,13 @@ def _control(d: Deployment, action: str) -> tuple[Deployment, list[Action]]:
     if d.phase == "committing":
         return (d, []) if d.failing else (replace(d, failing=True, reason=reason), [])
     if d.phase in ("holding", "paused", "baking"):
-        return _compensate(replace(d, failing=True), reason)
+        return compensate(replace(d, failing=True), reason)
     return d, []
 
 
 def _start(d: Deployment) -> tuple[Deployment, list[Action]]:
     if not d.participants:
-        return _finish(d, "completed", "nothing to change")
+        return finish(d, "completed", "nothing to change")
     if d.phase != "preparing" or d.count("preparing") != len(d.participants):
         return d, []  # started before: a second Started sends nothing again
     order = d.order
@@ -170,7 +120,7 @@ def _start(d: Deployment) -> tuple[Deployment, list[Action]]:
     if len(order) > size:
         d = d.with_participants(order[size:], phase="queued")
     first = order[:size]
-    return d, [Send("prepare", tuple(first)), *_prepare_timers(d, 0, len(first))]
+    return d, [Send("prepare", tuple(first)), *waves.timers(d, 0, len(first))]
 
 
 def _voted(d: Deployment, e: Voted) -> tuple[Deployment, list[Action]]:
@@ -200,30 +150,7 @@ def _admit(d: Deployment, slots: int) -> tuple[Deployment, list[Action]]:
     start = len(order) - d.count("queued")
     keys = order[start : start + slots]
     d = d.with_participants(keys, phase="preparing")
-    return d, [Send("prepare", tuple(keys)), *_prepare_timers(d, start, start + len(keys))]
-
-
-def _prepare_timers(d: Deployment, start: int, end: int) -> list[Action]:
-    """The timers of the waves whose last member is among plan positions [start, end)."""
-    total = sum(len(step) for step in d.steps)
-    size = d.strategy.prepare_size(total)
-    timers: list[Action] = []
-    for wave in range(start // size, (end - 1) // size + 1):
-        if start < min((wave + 1) * size, total) <= end:
-            timers.append(StartTimer(_prepare_token(wave), d.strategy.prepare_timeout))
-    return timers
-
-
-def _prepare_token(wave: int) -> str:
-    return "prepare" if wave == 0 else f"prepare:{wave}"
-
-
-def _prepare_wave(token: str) -> int | None:
-    """The wave a prepare timer's token names, or None if it is no prepare timer."""
-    if token == "prepare":
-        return 0
-    name, _, wave = token.partition(":")
-    return int(wave) if name == "prepare" and wave.isdigit() else None
+    return d, [Send("prepare", tuple(keys)), *waves.timers(d, start, start + len(keys))]
 
 
 def _commit_first(d: Deployment) -> tuple[Deployment, list[Action]]:
@@ -254,7 +181,7 @@ def _abort(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
     d = d.with_participants(keys, phase="aborting")
     d = replace(d, decision="abort", phase="aborting", reason=reason)
     if not keys:
-        return _finish(d, "aborted", reason)
+        return finish(d, "aborted", reason)
     return d, [Send("abort", keys), StartTimer("abort", ABORT_WAIT)]
 
 
@@ -274,11 +201,11 @@ def _step_done(d: Deployment, e: StepDone) -> tuple[Deployment, list[Action]]:
         d = d.with_participant(
             e.key, phase="reverted" if e.ok else "revert_failed", reason=e.reason
         )
-        return _after_revert_result(d)
+        return after_revert_result(d)
     if e.step == "abort" and p.phase == "aborting":
         d = d.with_participant(e.key, phase="aborted")
         if d.phase == "aborting" and not d.count("aborting"):
-            return _finish(d, "aborted", d.reason)
+            return finish(d, "aborted", d.reason)
     return d, []
 
 
@@ -286,7 +213,7 @@ def _after_commit_result(d: Deployment) -> tuple[Deployment, list[Action]]:
     if d.count("committing"):  # only the batch in flight can be committing
         return d, []
     if d.failing:
-        return _compensate(d, d.reason)
+        return compensate(d, d.reason)
     return _next_step(d)
 
 
@@ -294,7 +221,7 @@ def _next_step(d: Deployment) -> tuple[Deployment, list[Action]]:
     if d.step_index + 1 >= len(d.steps):
         if d.strategy.bake > 0:
             return replace(d, phase="baking"), [StartTimer("bake", d.strategy.bake)]
-        return _finish(d, "completed", "")
+        return finish(d, "completed", "")
     d = replace(d, step_index=d.step_index + 1)
     if d.step_index == 1 and d.strategy.canary > 0 and d.strategy.canary_bake > 0:
         return replace(d, phase="holding"), [StartTimer("hold:1", d.strategy.canary_bake)]
@@ -303,55 +230,14 @@ def _next_step(d: Deployment) -> tuple[Deployment, list[Action]]:
     return _send_step(d)
 
 
-def _compensate(d: Deployment, reason: str) -> tuple[Deployment, list[Action]]:
-    """Revert every participant that switched, last batch first, consumers first."""
-    switched = {k for k in d.participants if d.participants[k].phase in _SWITCHED}
-    order: list[tuple[Key, ...]] = []
-    for batch in reversed(d.steps):
-        keys = [k for k in batch if k in switched]
-        for rank in sorted({d.rank.get(k[1], 0) for k in keys}, reverse=True):
-            order.append(tuple(k for k in keys if d.rank.get(k[1], 0) == rank))
-    untouched = tuple(d.in_phase("prepared"))
-    actions: list[Action] = [Send("abort", untouched)] if untouched else []
-    d = d.with_participants(untouched, phase="aborting")
-    d = replace(d, phase="reverting", reason=reason, revert_steps=tuple(order), revert_index=0)
-    if not order:
-        d, done = _finish(d, "rolled_back", reason)
-        return d, actions + done
-    d, more = _send_revert(d)
-    return d, actions + more
-
-
-_SWITCHED = ("committing", "committed", "commit_failed")
-
-
-def _send_revert(d: Deployment) -> tuple[Deployment, list[Action]]:
-    keys = d.revert_steps[d.revert_index]
-    d = d.with_participants(keys, phase="reverting")
-    token = f"revert:{d.revert_index}"
-    return d, [Send("revert", keys), StartTimer(token, d.strategy.commit_timeout)]
-
-
-def _after_revert_result(d: Deployment) -> tuple[Deployment, list[Action]]:
-    if d.count("reverting"):  # only the revert batch in flight can be reverting
-        return d, []
-    if d.revert_index + 1 < len(d.revert_steps):
-        return _send_revert(replace(d, revert_index=d.revert_index + 1))
-    failed = d.in_phase("revert_failed")
-    if failed:
-        hosts = ", ".join(f"{h}/{s}" for h, s in failed)
-        return _finish(d, "failed", f"{d.reason}; revert failed on {hosts}")
-    return _finish(d, "rolled_back", d.reason)
-
-
 def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
-    wave = _prepare_wave(token)
+    wave = waves.wave_of(token)
     if wave is not None and d.phase == "preparing":
         return _prepare_deadline(d, wave)
     if token == "abort" and d.phase == "aborting":
-        return _finish(d, "aborted", d.reason)
+        return finish(d, "aborted", d.reason)
     if token == "bake" and d.phase == "baking":
-        return _finish(d, "completed", "")
+        return finish(d, "completed", "")
     if token == f"hold:{d.step_index}" and d.phase == "holding":
         return (replace(d, phase="paused"), []) if d.paused else _send_step(d)
     if token == f"commit:{d.step_index}" and d.phase == "committing":
@@ -359,12 +245,12 @@ def _timed_out(d: Deployment, token: str) -> tuple[Deployment, list[Action]]:
         d = d.with_participants(silent, phase="commit_failed", reason="no commit result in time")
         if not d.failing:
             d = replace(d, failing=True, reason="commit timed out", cause="health")
-        return _compensate(d, d.reason)
+        return compensate(d, d.reason)
     if token == f"revert:{d.revert_index}" and d.phase == "reverting":
         keys = d.revert_steps[d.revert_index]
         silent = [k for k in keys if d.participants[k].phase == "reverting"]
         d = d.with_participants(silent, phase="revert_failed", reason="no revert result in time")
-        return _after_revert_result(d)
+        return after_revert_result(d)
     return d, []
 
 
@@ -412,8 +298,3 @@ def _recovered(d: Deployment) -> tuple[Deployment, list[Action]]:
     if d.phase == "baking":
         return d, [StartTimer("bake", d.strategy.bake)]
     return d, []
-
-
-def _finish(d: Deployment, phase: Phase, reason: str) -> tuple[Deployment, list[Action]]:
-    reason = reason or d.reason
-    return replace(d, phase=phase, reason=reason), [Finished(phase, reason)]
