@@ -79,6 +79,7 @@ COLUMNS = (
     ("rollback_s", "rollback s", "{:.2f}"), ("floor_s", "floor s", "{:.3f}"),
     ("floor_fanout_s", "fanout s", "{:.3f}"), ("deploy_ratio", "deploy x", "{:.1f}"),
     ("rollback_ratio", "rollback x", "{:.1f}"), ("cpu_s_per_deploy", "cpu s/deploy", "{:.2f}"),
+    ("fleet_cpu_s_per_deploy", "fleet cpu s/deploy", "{:.1f}"),
     ("coordinator_rss_mb", "rss MB", "{:.0f}"), ("idle_cpu_pct", "idle cpu %", "{:.1f}"),
     ("backlog_peak", "backlog", "{}"), ("agent_lost_events", "lost", "{}"),
     ("connection_drops", "drops", "{}"), ("load", "load 1m idle/end", "{}"),

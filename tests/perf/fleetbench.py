@@ -269,9 +269,11 @@ class Bench:
                     self.floor_during += await self.gatherer.measure(self.hosts, 2, False, 120)
                 known = {s.deployment_id for s in self.events.seen}
                 began = time.monotonic()
+                fleet_cpu = self.workers.cpu_seconds()
                 d_state, d_s, d_cpu = await self.deploy(version(run))
                 record = {"run": run, "deploy_state": d_state, "deploy_s": round(d_s, 3),
                           "deploy_cpu_s": round(d_cpu, 2),
+                          "fleet_cpu_s": round(self.workers.cpu_seconds() - fleet_cpu, 2),
                           "backlog_peak": self.backlog.peak(began)}  # fmt: skip
                 runs.append(record)
                 if d_state != "completed":
@@ -307,6 +309,9 @@ class Bench:
         row["rollback_ratio"] = round(row["rollback_s"] / floor, 1) if rollbacks and floor else None
         row["cpu_s_per_deploy"] = _median(
             [r["deploy_cpu_s"] for r in runs if r.get("deploy_state") == "completed"]
+        )
+        row["fleet_cpu_s_per_deploy"] = _median(
+            [r["fleet_cpu_s"] for r in runs if r.get("deploy_state") == "completed"]
         )
         row["cpu_s_per_rollback"] = _median(
             [r["rollback_cpu_s"] for r in runs if r.get("rollback_state") == "completed"]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.perf import procstat
 from tests.perf.workspace import Workspace
 
 
@@ -74,6 +75,10 @@ class Workers:
             except TimeoutError:
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the workers (the simulated fleet) used so far."""
+        return sum(procstat.cpu_seconds(p.pid) for p in self.procs if p.returncode is None)
 
     def log_count(self, text: str) -> int:
         """How often `text` appears in the workers' logs."""
