@@ -7,9 +7,11 @@ coordinator/machine.py, which re-exports these names.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Literal
 
 from shared.specs import Strategy
@@ -226,21 +228,34 @@ def finish(d: Deployment, phase: Phase, reason: str) -> tuple[Deployment, list[A
 def to_dict(d: Deployment) -> dict[str, object]:
     """JSON-able form of `d`, for the store."""
     return {
-        "id": d.id,
-        "strategy": d.strategy.model_dump(),
+        **_fields(d),
         "steps": [[list(k) for k in step] for step in d.steps],
-        "rank": d.rank,
-        "participants": [vars(p) for p in d.participants.values()],
-        "phase": d.phase,
-        "decision": d.decision,
-        "reason": d.reason,
-        "step_index": d.step_index,
-        "failing": d.failing,
         "revert_steps": [[list(k) for k in step] for step in d.revert_steps],
-        "revert_index": d.revert_index,
-        "cause": d.cause,
-        "paused": d.paused,
+        "participants": [vars(p) for p in d.participants.values()],
     }
+
+
+def header_json(d: Deployment) -> str:
+    """`to_dict(d)` without its participants, as JSON: what the store rewrites after every
+    batch of events. The batches, which change at most twice in a deployment's life, are
+    encoded once per tuple, so a vote costs no O(hosts) encoding."""
+    steps, reverts = _batches_json(d.steps), _batches_json(d.revert_steps)
+    return json.dumps(_fields(d))[:-1] + f', "steps": {steps}, "revert_steps": {reverts}}}'
+
+
+def _fields(d: Deployment) -> dict[str, object]:
+    """Every field of `to_dict(d)` but the participants and the batches."""
+    return {
+        "id": d.id, "strategy": d.strategy.model_dump(), "rank": d.rank, "phase": d.phase,
+        "decision": d.decision, "reason": d.reason, "step_index": d.step_index,
+        "failing": d.failing, "revert_index": d.revert_index, "cause": d.cause,
+        "paused": d.paused,
+    }  # fmt: skip
+
+
+@lru_cache(maxsize=64)
+def _batches_json(batches: tuple[tuple[Key, ...], ...]) -> str:
+    return json.dumps([[list(k) for k in batch] for batch in batches])
 
 
 def from_dict(data: dict[str, Any]) -> Deployment:

@@ -9,11 +9,19 @@ deployment's header and only the participant rows that changed in ONE transactio
 (group commit: one fsync for a batch of votes, not one per vote), and only then are
 the resulting commands published, concurrently. The store therefore always knows at
 least as much as any agent was told (the decision is durable before a commit is sent).
+
+Timers are durable deadlines: a timer's deadline is saved with the state that started
+it, and when the process starts again (`Recovered` starts the timers of the phase it
+was in) each fires at its first deadline, not a full period after the restart. The
+last deployments that ended stay in memory, so the reports that trail one (late
+votes, repeated results, inquiries) are answered without reading the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +38,8 @@ from shared.tasks import TaskGroup
 from shared.transport import Broker, Unroutable
 
 SENDER = "coordinator"
+ENDED_KEPT = 64
+"""How many ended deployments stay in memory."""
 OnPhase = Callable[[str], Awaitable[None]]
 
 
@@ -40,6 +50,8 @@ class Live:
 
     record: DeploymentRecord
     state: machine.Deployment
+    deadlines: dict[str, float]
+    """When each timer it started fires (token -> time), as saved."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: list[tuple[machine.Event, asyncio.Future[None] | None]] = field(default_factory=list)
 
@@ -56,13 +68,17 @@ class Deployments:
         self._on_phase = on_phase
         self._on_finished = on_finished
         self._live: dict[str, Live] = {}
+        self._ended: OrderedDict[str, machine.Deployment] = OrderedDict()
         self._log = log.get("deployments")
 
     async def drive(self, deployment_id: str, event: machine.Event) -> None:
         """Apply `event` (with whatever else waits for this deployment), persist, act."""
+        if deployment_id in self._ended:
+            return  # it ended: nothing changes it any more
         live = await self._load(deployment_id)
         if live is None:
-            self._log.warning("deployment.unknown", deployment_id=deployment_id)
+            if deployment_id not in self._ended:
+                self._log.warning("deployment.unknown", deployment_id=deployment_id)
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         live.pending.append((event, done))
@@ -85,22 +101,37 @@ class Deployments:
                 live.pending += [(follow_up, None) for follow_up in follow_ups]
             if live.state.done:
                 self._live.pop(deployment_id, None)
+                self._remember(live.state)
 
     async def state(self, deployment_id: str) -> machine.Deployment | None:
         """The deployment's state as the machine last left it (None: no such deployment)."""
         live = self._live.get(deployment_id)
         if live is not None:
             return live.state
+        if deployment_id in self._ended:
+            return self._ended[deployment_id]
         record = await self.store.deployment(deployment_id)
+        if record is not None and record.machine.done:
+            self._remember(record.machine)
         return None if record is None else record.machine
 
+    def _remember(self, state: machine.Deployment) -> None:
+        self._ended[state.id] = state
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+
     async def _load(self, deployment_id: str) -> Live | None:
+        """The deployment in flight (loaded once); None if unknown or ended."""
         live = self._live.get(deployment_id)
         if live is None:
             record = await self.store.deployment(deployment_id)
             if record is None:
                 return None
-            live = self._live.setdefault(deployment_id, Live(record, record.machine))
+            if record.machine.done:
+                self._remember(record.machine)
+                return None
+            deadlines = await self.store.deadlines(deployment_id)
+            live = self._live.setdefault(deployment_id, Live(record, record.machine, deadlines))
         return live
 
     async def _apply(self, live: Live, events: list[machine.Event]) -> list[machine.Event]:
@@ -115,12 +146,16 @@ class Deployments:
         phases: list[tuple[str, dict[str, Any]]] = (
             [] if state.phase == before.phase else [(f"deployment.{state.phase}", {})]
         )
-        await self.store.save_deployment(state, phases, changed)
+        now = time.time()
+        started = [a for a in actions if isinstance(a, machine.StartTimer)]
+        timers = {a.token: now + a.seconds for a in started if a.token not in live.deadlines}
+        await self.store.save_deployment(state, phases, changed, timers)
+        live.deadlines.update(timers)
         live.state = state
         _fault_points(before, state)
         follow_ups: list[machine.Event] = []
         for action in actions:
-            follow_ups += await self._perform(live.record, state, action)
+            follow_ups += await self._perform(live, state, action)
         if any(isinstance(a, machine.Send) and a.command == "prepare" for a in actions):
             faults.point("coordinator.prepare_sent")
         if state.phase != before.phase:
@@ -128,13 +163,16 @@ class Deployments:
         return follow_ups
 
     async def _perform(
-        self, record: DeploymentRecord, d: machine.Deployment, action: machine.Action
+        self, live: Live, d: machine.Deployment, action: machine.Action
     ) -> list[machine.Event]:
         match action:
             case machine.Send():
-                return await self._send(record, d, action)
+                return await self._send(live.record, d, action)
             case machine.StartTimer():
-                self._tasks.spawn(self._timer(d.id, action), f"timer:{d.id}:{action.token}")
+                due = live.deadlines[action.token]
+                self._tasks.spawn(
+                    self._timer(d.id, action.token, due), f"timer:{d.id}:{action.token}"
+                )
             case machine.Finished():
                 metrics.DEPLOYMENTS.labels(action.phase).inc()
                 self._tasks.spawn(self._on_finished(), f"dequeue:{d.id}")
@@ -142,9 +180,9 @@ class Deployments:
                                reason=action.reason)  # fmt: skip
         return []
 
-    async def _timer(self, deployment_id: str, timer: machine.StartTimer) -> None:
-        await asyncio.sleep(timer.seconds)
-        await self.drive(deployment_id, machine.TimedOut(timer.token))
+    async def _timer(self, deployment_id: str, token: str, due: float) -> None:
+        await asyncio.sleep(max(0.0, due - time.time()))
+        await self.drive(deployment_id, machine.TimedOut(token))
 
     async def _send(
         self, record: DeploymentRecord, d: machine.Deployment, send: machine.Send

@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS agents (
     state TEXT NOT NULL DEFAULT 'alive', overwrite INTEGER NOT NULL DEFAULT 0,
     reported_at REAL NOT NULL DEFAULT 0, public_key TEXT NOT NULL DEFAULT '',
     key_state TEXT NOT NULL DEFAULT 'pending');
+CREATE TABLE IF NOT EXISTS timers (
+    deployment_id TEXT NOT NULL, token TEXT NOT NULL, due_at REAL NOT NULL,
+    PRIMARY KEY (deployment_id, token));
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, type TEXT NOT NULL,
     deployment_id TEXT, data TEXT NOT NULL);

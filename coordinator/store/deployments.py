@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiosqlite
 
 from coordinator import outcome
-from coordinator.deployment import TERMINAL, Deployment, Participant, from_dict, to_dict
+from coordinator.deployment import TERMINAL, Deployment, Participant, from_dict, header_json
 from coordinator.records import DeploymentRecord
 from coordinator.store.catalog import CatalogTable
 from coordinator.store.events import EventLog
@@ -29,10 +29,13 @@ class DeploymentTable(CatalogTable, EventLog):
         machine: Deployment,
         events: list[tuple[str, dict[str, Any]]],
         changed: Sequence[Participant] | None = None,
+        timers: Mapping[str, float] | None = None,
     ) -> None:
         """Persist the machine state (and, when it ended, the release outcome) with its
-        events, in one transaction: its header, and the participant rows in `changed`
-        (every one `machine` lists, when None)."""
+        events, in one transaction: its header, the participant rows in `changed`
+        (every one `machine` lists, when None), and the deadlines of the timers it
+        started (`timers`: token -> when it fires; a token stored before keeps its first
+        deadline). A deployment that ended has no timers left."""
         phase = machine.phase
         ended = time.time() if phase in TERMINAL else None
         await self._db.execute(
@@ -42,7 +45,12 @@ class DeploymentTable(CatalogTable, EventLog):
              machine.id),
         )  # fmt: skip
         await self._write_participants(machine, changed)
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO timers VALUES (?, ?, ?)",
+            [(machine.id, token, due) for token, due in (timers or {}).items()],
+        )
         if ended is not None:
+            await self._db.execute("DELETE FROM timers WHERE deployment_id = ?", (machine.id,))
             await self._finish_release(machine.id, phase)
         await self._add_events(machine.id, events)
         await self._db.commit()
@@ -176,6 +184,13 @@ class DeploymentTable(CatalogTable, EventLog):
         await self._add_events(deployment_id, [(f"deployment.{machine.phase}", {})])
         await self._db.commit()
 
+    async def deadlines(self, deployment_id: str) -> dict[str, float]:
+        """When each timer the deployment started fires (token -> time), as saved."""
+        rows = await self._rows(
+            "SELECT token, due_at FROM timers WHERE deployment_id = ?", deployment_id
+        )
+        return {r["token"]: r["due_at"] for r in rows}
+
     async def last_ended(self) -> float:
         rows = await self._rows("SELECT MAX(ended_at) AS t FROM deployments")
         return float(rows[0]["t"] or 0.0)
@@ -226,7 +241,7 @@ class DeploymentTable(CatalogTable, EventLog):
 
 def _header(machine: Deployment) -> str:
     """The machine's JSON without its participants (they have rows of their own)."""
-    return json.dumps({k: v for k, v in to_dict(machine).items() if k != "participants"})
+    return header_json(machine)
 
 
 def _deployment(row: aiosqlite.Row, participants: list[dict[str, Any]] | None) -> DeploymentRecord:

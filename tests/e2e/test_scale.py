@@ -1,0 +1,52 @@
+"""Issue 9 acceptance at the protocol's edges, with real processes: durable deadlines.
+
+Each test is named after the promise it proves.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+from tests.support.procs import wait_until
+
+pytestmark = pytest.mark.e2e
+
+BAKE = 12.0
+KILLED_INTO_BAKE = 4.0
+
+
+def _event_ts(fleet: Fleet, deployment_id: str, kind: str) -> float | None:
+    with sqlite3.connect(fleet.root / "coordinator.db") as db:
+        row = db.execute(
+            "SELECT ts FROM events WHERE deployment_id = ? AND type = ?", (deployment_id, kind)
+        ).fetchone()
+    return None if row is None else float(row[0])
+
+
+def test_timer_deadlines_are_durable_a_restart_mid_bake_completes_at_the_first_deadline(
+    three_hosts: Fleet,
+) -> None:
+    fleet = three_hosts
+    fleet.register("payments", "1.0.0", hosts={"pay": "yes"})
+    fleet.register("payments", "2.0.0", hosts={"pay": "yes"})
+    assert fleet.deploy("payments=1.0.0").code == 0
+    started = fleet.cli("deploy", "payments=2.0.0", "--bake", f"{BAKE:g}s", "--json")
+    assert started.code == 0, started.stdout + started.stderr
+    deployment_id = started.doc["deployment_id"]
+    baking = wait_until(lambda: _event_ts(fleet, deployment_id, "deployment.baking"), 60,
+                        "the deployment to bake")  # fmt: skip
+    wait_until(lambda: time.time() - baking >= KILLED_INTO_BAKE, 30, "time to pass into the bake")
+
+    fleet.kill_coordinator()
+    fleet.start_coordinator()
+
+    completed = wait_until(lambda: _event_ts(fleet, deployment_id, "deployment.completed"),
+                           60, "the deployment to complete")  # fmt: skip
+    # Restarting the bake from scratch would end it at least KILLED_INTO_BAKE + BAKE after
+    # it began; the durable deadline ends it BAKE after (plus the restart's few seconds).
+    assert BAKE <= completed - baking < BAKE + KILLED_INTO_BAKE - 1.0
+    assert fleet.deployment(deployment_id)["state"] == "completed"
