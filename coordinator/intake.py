@@ -11,7 +11,6 @@ flight, so a coordinator restart can never leave a lock that nothing holds.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -43,7 +42,10 @@ class Request(BaseModel):
     """An existing release this returns to (rollbacks, convergence)."""
     reason: str = ""
     host: str | None = None
-    """Convergence: the one host to bring to the current release."""
+    """Convergence, as first stored: the one host to bring to the current release."""
+    hosts: tuple[str, ...] = ()
+    """Convergence: the hosts to bring to the current release, which all need the same
+    change from the same versions (`convergence.groups`)."""
     queue: bool = True
     """False: refuse rather than wait behind an overlapping deployment."""
     requested_by: str = ""
@@ -76,7 +78,7 @@ class Intake:
         held = convergence.locks({*the_plan.changed, *request.services}, target, catalog)
         deployment_id = uuid.uuid4().hex[:12]
         async with self._lock:
-            busy = await self._held()
+            busy = await self.held()
             if held & busy and not request.queue:
                 raise UserError("services", f"{', '.join(sorted(held & busy))} "
                                 "are being deployed; not queued (--no-queue)")  # fmt: skip
@@ -97,12 +99,13 @@ class Intake:
         async with self._lock:
             await self._start_ready()
 
-    async def _held(self) -> set[str]:
-        records = await self.store.in_flight()
+    async def held(self) -> set[str]:
+        """The services locked by the deployments in flight or queued."""
+        records = await self.store.in_flight(participants=False)
         return {name for record in records for name in record.locks}
 
     async def _start_ready(self) -> None:
-        records = await self.store.in_flight()
+        records = await self.store.in_flight(participants=False)
         held = {n for r in records if r.state != "queued" for n in r.locks}
         for record in sorted((r for r in records if r.state == "queued"), key=_age):
             locks = set(record.locks)
@@ -148,21 +151,19 @@ class Intake:
         catalog = await self.store.catalog()
         _, current = await self.store.current_release()
         agents = await self.liveness.agents()
-        now = time.time()
+        now = self.liveness.now()
         running = {a.host_id: a.running() for a in agents}
         live = [AgentInfo(a.host_id, a.labels, views.alive(a.last_seen, now, self.lost_after))
                 for a in agents]  # fmt: skip
         if request.kind == "converge":
-            host = request.host or ""
+            hosts = request.hosts or (request.host or "",)
             target = dict(current)
-            base = {
-                **current,
-                **{s: v for s, v in running.get(host, {}).items() if s in request.services},
-            }
+            runs = running.get(hosts[0], {})  # the group's hosts all run the same of these
+            base = {**current, **{s: v for s, v in runs.items() if s in request.services}}
             for name in request.services:
-                if running.get(host, {}).get(name) is None:
+                if runs.get(name) is None:
                     base.pop(name, None)
-            live = [a for a in live if a.host_id == host]
+            live = [a for a in live if a.host_id in hosts]
             the_plan = plan(base, target, catalog, live, request.strategy, running)
             return target, the_plan, catalog
         target = resolve(current, request.services, catalog)

@@ -2,13 +2,16 @@
 
 A loop started by the coordinator sweeps every heartbeat interval. It marks agents
 `lost` after `lost_after_missed` missed heartbeats and `alive` again when they report
-(publishing `agent.lost` / `agent.returned`), and it converges hosts: a live host that
-runs something other than the current release for its labels gets a single-host
-deployment through the same prepare/commit path. A host running a version lockstep
-never deployed is reported (`agent.drift`), not overwritten, until an operator says
-`lockstep agents converge HOST`. A drift must be seen on two sweeps in a row, after
-the fleet has been quiet for two heartbeats, so reports still in flight after a
-deployment never start a needless one.
+(publishing `agent.lost` / `agent.returned`), judged at `Liveness.now()` so that a
+coordinator behind on its heartbeats never takes its backlog for silent hosts. It
+converges hosts: the live hosts that run something other than the current release for
+their labels are gathered by the change they need (`convergence.groups`), and each
+group gets ONE deployment through the same prepare/commit path, in batches, beside any
+unrelated deployment in flight (a group whose services are locked waits for a later
+sweep). A host running a version lockstep never deployed is reported (`agent.drift`),
+not overwritten, until an operator says `lockstep agents converge HOST`. A drift must
+be seen on two sweeps in a row, after the fleet has been quiet for two heartbeats, so
+reports still in flight after a deployment never start a needless one.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Watch:
         self._seen: dict[str, dict[str, str]] = {}
         self._retry_at: dict[str, float] = {}
         self._reported: set[tuple[str, str, str]] = set()
+        self._last_sweep = time.time()
         self._log = log.get("watch")
 
     @property
@@ -62,35 +66,47 @@ class Watch:
 
     async def sweep(self) -> None:
         now = time.time()
+        # A sweep long overdue means this process was stalled (paused, swapped, starved):
+        # the silence it sees is its own, so nobody is declared lost on this sweep.
+        stalled = now - self._last_sweep > 2 * self.settings.heartbeat_interval
+        self._last_sweep = now
         await self.liveness.flush()
+        judged = self.liveness.now()
         agents = await self.liveness.agents()
         for agent in agents:
-            await self._liveness(agent, now)
+            await self._liveness(agent, judged, may_lose=not stalled)
         release_id, release = await self.store.current_release()
-        in_flight = await self.store.in_flight()
         quiet = now - await self.store.last_ended() > 2 * self.settings.heartbeat_interval
-        if release_id is None or in_flight or not quiet:
+        if release_id is None or not quiet:
             self._seen.clear()
             return
         catalog = await self.store.catalog()
         deployed = await self.store.deployed_pairs()
-        for agent in agents:
-            if views.alive(agent.last_seen, now, self.lost_after):
-                await self._converge(agent, release, catalog, deployed, now)
+        live = [a for a in agents if views.alive(a.last_seen, judged, self.lost_after)]
+        fixes = {a.host_id: await self._drift(a, release, catalog, deployed) for a in live}
+        due = {h: fix for h, fix in fixes.items() if fix and now >= self._retry_at.get(h, 0.0)}
+        running = {a.host_id: dict(a.running()) for a in live}
+        overwrite = {a.host_id for a in live if a.overwrite}
+        busy = await self.intake.held() if due else set()
+        for group in convergence.groups(due, running):
+            if busy.isdisjoint(group.fix):  # else it waits: those services are moving
+                await self._converge(group, overwrite, now)
 
-    async def _liveness(self, agent: AgentRecord, now: float) -> None:
+    async def _liveness(self, agent: AgentRecord, now: float, *, may_lose: bool) -> None:
         alive = views.alive(agent.last_seen, now, self.lost_after)
-        if alive == (agent.state == "alive"):
+        if alive == (agent.state == "alive") or not (alive or may_lose):
             return
         state, event = ("alive", "agent.returned") if alive else ("lost", "agent.lost")
         await self.store.set_agent(agent.host_id, state=state)
         self._log.info(event, host_id=agent.host_id)
         await self._emit(None, event, {"host_id": agent.host_id, "last_seen": agent.last_seen})
 
-    async def _converge(
+    async def _drift(
         self, agent: AgentRecord, release: dict[str, str], catalog: Any,
-        deployed: set[tuple[str, str]], now: float,
-    ) -> None:  # fmt: skip
+        deployed: set[tuple[str, str]],
+    ) -> dict[str, str]:  # fmt: skip
+        """What `agent` must be moved to, once the same drift was seen on two sweeps in a
+        row (reporting, once each, what it runs that lockstep never deployed)."""
         host = agent.host_id
         want = convergence.desired(agent.labels, release, catalog)
         drift = convergence.drift(want, agent.running(), deployed, agent.overwrite)
@@ -102,16 +118,20 @@ class Watch:
                     "why": "lockstep never deployed this version; `lockstep agents converge` "
                            "replaces it"})  # fmt: skip
         previous, self._seen[host] = self._seen.get(host), drift.fix
-        if not drift.fix or previous != drift.fix or now < self._retry_at.get(host, 0.0):
-            return
-        self._retry_at[host] = now + RETRY_AFTER
-        reason = f"converge {host} to the current release"
-        request = Request(services=drift.fix, kind="converge", trigger="converge", host=host,
-                          reason=reason, queue=False)  # fmt: skip
+        return drift.fix if previous == drift.fix else {}
+
+    async def _converge(self, group: convergence.Group, overwrite: set[str], now: float) -> None:
+        """One deployment that brings every host of `group` to the current release."""
+        for host in group.hosts:
+            self._retry_at[host] = now + RETRY_AFTER
+        hosts = ", ".join(group.hosts) if len(group.hosts) <= 3 else f"{len(group.hosts)} hosts"
+        request = Request(services=group.fix, kind="converge", trigger="converge",
+                          hosts=group.hosts, reason=f"converge {hosts} to the current release",
+                          queue=False)  # fmt: skip
         try:
             await self.intake.submit(uuid.uuid4().hex, request)
         except UserError as e:
-            self._log.info("converge.skipped", host_id=host, reason=str(e))
+            self._log.info("converge.skipped", hosts=list(group.hosts), reason=str(e))
             return
-        if agent.overwrite:
+        for host in overwrite.intersection(group.hosts):
             await self.store.set_agent(host, overwrite=False)

@@ -68,27 +68,23 @@ class AgentTable(Table):
         )
         await self._db.commit()
 
-    async def agent_services(
-        self, host_id: str, services: list[dict[str, Any]], labels: dict[str, str] | None,
-        sent_at: float,
-    ) -> bool:  # fmt: skip
-        """Record what a heartbeat sent at `sent_at` says `host_id` runs (and its labels),
-        unless a newer report was applied already; whether it was recorded."""
-        cursor = await self._db.execute(
-            "UPDATE agents SET services = ?, labels = COALESCE(?, labels), reported_at = ?"
-            " WHERE host_id = ? AND reported_at <= ?",
-            (json.dumps(services), None if labels is None else json.dumps(labels), sent_at,
-             host_id, sent_at),
-        )  # fmt: skip
-        await self._db.commit()
-        return cursor.rowcount > 0
-
-    async def set_last_seen(self, seen: dict[str, float]) -> None:
-        """When each host was last heard of, in one transaction (never moving back)."""
+    async def save_liveness(
+        self, seen: dict[str, float],
+        views: dict[str, tuple[float, list[dict[str, Any]], dict[str, str] | None]],
+    ) -> None:  # fmt: skip
+        """When each host was last heard of (never moving back), and what hosts run as
+        their reports sent at a time said (host -> (sent at, services, labels or None);
+        skipped where a newer report was applied already), in one transaction."""
         await self._db.executemany(
             "UPDATE agents SET last_seen = MAX(last_seen, ?) WHERE host_id = ?",
             [(at, host) for host, at in seen.items()],
         )
+        await self._db.executemany(
+            "UPDATE agents SET services = ?, labels = COALESCE(?, labels), reported_at = ?"
+            " WHERE host_id = ? AND reported_at <= ?",
+            [(json.dumps(services), None if labels is None else json.dumps(labels), at, host, at)
+             for host, (at, services, labels) in views.items()],
+        )  # fmt: skip
         await self._db.commit()
 
     async def agents(self, *, approved_only: bool = True) -> list[AgentRecord]:

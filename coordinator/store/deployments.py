@@ -205,13 +205,14 @@ class DeploymentTable(CatalogTable, EventLog):
             await self._rows("SELECT * FROM deployments WHERE request_id = ?", request_id)
         )
 
-    async def in_flight(self) -> list[DeploymentRecord]:
+    async def in_flight(self, *, participants: bool = True) -> list[DeploymentRecord]:
         """Every deployment not ended, queued ones included, newest first (no cap:
-        recovery and the lock sets must see them all)."""
+        recovery and the lock sets must see them all); without their participants when
+        `participants` is False (what the lock sets need)."""
         rows = await self._rows(
             "SELECT * FROM deployments WHERE ended_at IS NULL ORDER BY started_at DESC, rowid DESC"
         )
-        return await self._records(rows)
+        return await self._records(rows, participants=participants)
 
     async def deployments(self, *, limit: int, before: str | None = None) -> list[DeploymentRecord]:
         """A page of the history, newest first: at most `limit` deployments started before
