@@ -1,0 +1,112 @@
+"""Issue 9 "liveness off the critical path": a real SQLite store, no broker.
+
+The coordinator keeps `last_seen` and what each host runs in memory and writes them in
+one transaction per sweep; it judges liveness at the wall clock less how far behind its
+heartbeats it is, so its own backlog never looks like silent hosts, while a silent
+host (or a silent fleet) is still judged at the wall clock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from coordinator import views
+from coordinator.liveness import Liveness
+from coordinator.store import Store
+from shared.messages import ServiceState
+
+LOST_AFTER = 6.0
+
+
+def _web(version: str) -> list[ServiceState]:
+    return [ServiceState(service="web", version=version, health="healthy")]
+
+
+async def _fleet(tmp_path: Path, hosts: list[str]) -> tuple[Store, Liveness]:
+    store = await Store.open(tmp_path / "coordinator.db")
+    for host in hosts:
+        await store.enroll(host, f"key-{host}", {}, "approved")
+    with sqlite3.connect(tmp_path / "coordinator.db") as db:  # heard of long ago, if ever
+        db.execute("UPDATE agents SET last_seen = 0")
+    return store, Liveness(store)
+
+
+def _alive(liveness_agents: list, judged: float) -> dict[str, bool]:  # type: ignore[type-arg]
+    return {a.host_id: views.alive(a.last_seen, judged, LOST_AFTER) for a in liveness_agents}
+
+
+async def test_a_backlog_handled_late_does_not_make_live_hosts_look_lost(tmp_path: Path) -> None:
+    store, liveness = await _fleet(tmp_path, ["a", "b"])
+    try:
+        sent = time.time() - 10  # handled 10 s after it was sent: the coordinator was busy
+        for host in ("a", "b"):
+            await liveness.beat(host, sent, _web("1.0.0"), None)
+        await liveness.flush()
+        assert liveness.behind >= 10
+        agents = await liveness.agents()
+        assert _alive(agents, liveness.now()) == {"a": True, "b": True}
+        assert _alive(agents, time.time()) == {"a": False, "b": False}  # what it used to judge
+    finally:
+        await store.close()
+
+
+async def test_a_dead_hosts_old_heartbeat_in_the_backlog_does_not_revive_it(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["live", "dead"])
+    try:
+        await liveness.beat("dead", time.time() - 20, _web("1.0.0"), None)
+        await liveness.beat("live", time.time(), _web("1.0.0"), None)
+        await liveness.flush()
+        assert liveness.behind < 1  # the freshest heartbeat says how far behind it is
+        assert _alive(await liveness.agents(), liveness.now()) == {"live": True, "dead": False}
+    finally:
+        await store.close()
+
+
+async def test_a_silent_fleet_is_judged_at_the_wall_clock(tmp_path: Path) -> None:
+    store, liveness = await _fleet(tmp_path, ["a"])
+    try:
+        await liveness.beat("a", time.time() - 10, _web("1.0.0"), None)
+        await liveness.flush()
+        assert liveness.behind >= 10
+        await liveness.flush()  # no heartbeat since: nothing to be behind on
+        assert liveness.behind == 0
+        assert _alive(await liveness.agents(), liveness.now()) == {"a": False}
+    finally:
+        await store.close()
+
+
+async def test_views_and_last_seen_are_kept_in_memory_and_written_in_one_flush(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["a"])
+    try:
+        now = time.time()
+        await liveness.beat("a", now - 2, _web("1.0.0"), {"role": "web"})
+        assert liveness.step("a", "web", "2.0.0", "healthy", now - 1)
+        assert liveness.step("a", "web", "0.9.0", "healthy", now - 3)  # older: changes nothing
+        (stored,) = await store.agents()
+        assert stored.services == ()  # nothing written yet
+        assert stored.last_seen < now - 2
+        (merged,) = await liveness.agents()
+        assert [(s.service, s.version) for s in merged.services] == [("web", "2.0.0")]
+        await liveness.flush()
+        (stored,) = await store.agents()
+        assert [(s.service, s.version) for s in stored.services] == [("web", "2.0.0")]
+        assert stored.labels == {"role": "web"}
+        assert stored.last_seen == now - 2
+    finally:
+        await store.close()
+
+
+async def test_a_step_result_for_a_host_not_yet_in_memory_is_left_to_the_store(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["a"])
+    try:
+        assert not liveness.step("a", "web", "2.0.0", "healthy", time.time())
+    finally:
+        await store.close()
