@@ -89,7 +89,7 @@ class Coordinator:
         self.store = await Store.open(self.db_path)
         announce = Announcer(self.store, self.broker)
         self.liveness = Liveness(self.store)
-        self.intake = Intake(self.store, self.liveness, self.lost_after, self._begin)
+        self.intake = Intake(self.store, self.liveness, self.settings.lost_after, self._begin)
         self.enrollment = Enrollment(
             self.store, self.broker, self.policy, self._queue_type, announce.emit
         )
@@ -98,7 +98,7 @@ class Coordinator:
             announce.deployment, self.intake.start_ready,
         )  # fmt: skip
         self.requests = Requests(self.store, self.intake, self.deployments, self.liveness,
-                                 self.enrollment, self.lost_after)  # fmt: skip
+                                 self.enrollment, self.settings.lost_after)  # fmt: skip
         self.reactions = Reactions(self.store, self.liveness, self.deployments, self.requests,
                                    self.settings)  # fmt: skip
         await self.broker.connect()
@@ -122,10 +122,6 @@ class Coordinator:
     def _begin(self, deployment_id: str) -> None:
         started = self.deployments.drive(deployment_id, machine.Started())
         self._tasks.spawn(started, f"start:{deployment_id}")
-
-    @property
-    def lost_after(self) -> float:
-        return self.settings.heartbeat_interval * self.settings.lost_after_missed
 
     # --- one delivery ---------------------------------------------------------------
 

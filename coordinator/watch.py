@@ -52,10 +52,6 @@ class Watch:
         self._last_sweep = time.time()
         self._log = log.get("watch")
 
-    @property
-    def lost_after(self) -> float:
-        return self.settings.heartbeat_interval * self.settings.lost_after_missed
-
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
@@ -82,7 +78,7 @@ class Watch:
             return
         catalog = await self.store.catalog()
         deployed = await self.store.deployed_pairs()
-        live = [a for a in agents if views.alive(a.last_seen, judged, self.lost_after)]
+        live = [a for a in agents if views.alive(a.last_seen, judged, self.settings.lost_after)]
         fixes = {a.host_id: await self._drift(a, release, catalog, deployed) for a in live}
         due = {h: fix for h, fix in fixes.items() if fix and now >= self._retry_at.get(h, 0.0)}
         running = {a.host_id: dict(a.running()) for a in live}
@@ -93,7 +89,7 @@ class Watch:
                 await self._converge(group, overwrite, now)
 
     async def _liveness(self, agent: AgentRecord, now: float, *, may_lose: bool) -> None:
-        alive = views.alive(agent.last_seen, now, self.lost_after)
+        alive = views.alive(agent.last_seen, now, self.settings.lost_after)
         if alive == (agent.state == "alive") or not (alive or may_lose):
             return
         state, event = ("alive", "agent.returned") if alive else ("lost", "agent.lost")
