@@ -27,6 +27,7 @@ from shared.messages import (
     Body,
     Commit,
     CrashLoop,
+    Health,
     HealthChange,
     Heartbeat,
     Inquiry,
@@ -75,12 +76,12 @@ class Reactions:
                 deployment_id=result.deployment_id, service=result.service,
             )  # fmt: skip
             return
-        health = "healthy" if result.ok else "unhealthy"
+        health: Health = "healthy" if result.ok else "unhealthy"
         sent_at = delivery.envelope.sent_at.timestamp()
-        await self.store.agent_service(
-            result.host_id, result.service, result.running, health, sent_at
-        )
-        self.liveness.forget(result.host_id)
+        view = (result.host_id, result.service, result.running, health, sent_at)
+        if not self.liveness.step(*view):  # a host not yet in memory: straight to the store
+            await self.store.agent_service(*view)
+            self.liveness.forget(result.host_id)
         key = (result.host_id, result.service)
         event = machine.StepDone(key, result.step, result.ok, result.reason)
         await self.deployments.drive(result.deployment_id, event)
@@ -106,7 +107,7 @@ class Reactions:
         fails its deployment (compensation)."""
         failure = delivery.envelope.body
         assert isinstance(failure, HealthChange | CrashLoop)
-        agents = await self.store.agents()
+        agents = await self.liveness.agents()
         runs = {(a.host_id, s.service) for a in agents for s in a.services}
         if (failure.host_id, failure.service) not in runs:
             self._log.warning("report.unrelated", kind=failure.KIND, host_id=failure.host_id,
