@@ -109,7 +109,9 @@ class Coordinator:
                 await self.deployments.drive(record.id, machine.Recovered())
         await self.intake.start_ready()
         await self.broker.consume(topology.COORDINATOR_QUEUE, self.handle, concurrency=CONCURRENT)
-        await self.broker.consume(topology.HEARTBEATS_QUEUE, self.handle, concurrency=CONCURRENT)
+        # Heartbeats are transient: auto-ack, and one at a time (each is handled in memory,
+        # without an await that would let the others overtake it).
+        await self.broker.consume(topology.HEARTBEATS_QUEUE, self.handle, auto_ack=True)
         watch = Watch(self.store, self.liveness, self.settings, self.intake, announce.emit)
         self._tasks.spawn(watch.run(), "watch", forever=True)
         self._log.info("coordinator.started", db=str(self.db_path))
