@@ -105,10 +105,16 @@ class Liveness:
             return
         dirty, self._dirty = self._dirty, set()
         views, self._unwritten = self._unwritten, {}
-        await self.store.save_liveness(
-            {h: self._seen[h] for h in dirty},
-            {h: (v.at, [s.model_dump() for s in v.services], v.labels) for h, v in views.items()},
-        )
+        try:
+            await self.store.save_liveness(
+                {h: self._seen[h] for h in dirty},
+                {h: (v.at, [s.model_dump() for s in v.services], v.labels)
+                 for h, v in views.items()},
+            )  # fmt: skip
+        except BaseException:
+            self._dirty |= dirty  # written with the next flush
+            self._unwritten = {**views, **self._unwritten}
+            raise
 
     async def agents(self, *, approved_only: bool = True) -> list[AgentRecord]:
         """The store's agents with their newest `last_seen` and view."""
@@ -120,7 +126,7 @@ class Liveness:
 
     def _newest(self, agent: AgentRecord) -> AgentRecord:
         seen = max(agent.last_seen, self._seen.get(agent.host_id, 0.0))
-        view = self._unwritten.get(agent.host_id)
+        view = self._views.get(agent.host_id)  # never older than the store's (see forget)
         if view is None:
             return agent if seen == agent.last_seen else replace(agent, last_seen=seen)
         labels = agent.labels if view.labels is None else view.labels

@@ -9,7 +9,6 @@ control of a deployment goes through the runtime (`Deployments.drive`).
 
 from __future__ import annotations
 
-import time
 from typing import Any, TypeVar
 
 from coordinator import machine, rollback, views
@@ -70,7 +69,7 @@ class Requests:
     # --- what they do -------------------------------------------------------------------
 
     async def query(self, asked: QueryRequest) -> dict[str, Any]:
-        now = time.time()
+        now = self.liveness.now()  # the clock the watch and the planner judge liveness by
         if asked.what == "status":
             release_id, services = await self.store.current_release()
             return views.status(

@@ -149,6 +149,12 @@ class Deployments:
         now = time.time()
         started = [a for a in actions if isinstance(a, machine.StartTimer)]
         timers = {a.token: now + a.seconds for a in started if a.token not in live.deadlines}
+        if any(isinstance(a, machine.Send) for a in actions):
+            # A command sent again (after a restart) gets its full period to be answered:
+            # results queued while this process was down are read only once it consumes.
+            for a in started:
+                if a.token in live.deadlines:
+                    live.deadlines[a.token] = max(live.deadlines[a.token], now + a.seconds)
         await self.store.save_deployment(state, phases, changed, timers)
         live.deadlines.update(timers)
         live.state = state

@@ -108,7 +108,8 @@ class Consumer:
             else:
                 queue = await self._link.declare_on(spec, channel)
             self._link.queues.append(queue)
-            await queue.consume(inbox.put, no_ack=auto_ack)
+            await queue.consume(_bounded(inbox, self._settings.prefetch) if auto_ack
+                                else inbox.put, no_ack=auto_ack)  # fmt: skip
         except ChannelNotFoundEntity as e:
             raise Unroutable(f"there is no queue {queue_name}") from e
         except BROKER_ERRORS as e:
@@ -217,3 +218,17 @@ class Consumer:
             return
         if not auto_ack:
             await message.ack()
+
+
+def _bounded(
+    inbox: asyncio.Queue[AbstractIncomingMessage], limit: int
+) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """An auto-ack consumer's put: the broker applies no prefetch to it, so the inbox
+    keeps at most `limit` messages, the oldest dropped first (as the queue itself does)."""
+
+    async def put(message: AbstractIncomingMessage) -> None:
+        while inbox.qsize() >= limit:
+            inbox.get_nowait()
+        inbox.put_nowait(message)
+
+    return put
