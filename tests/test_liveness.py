@@ -14,6 +14,7 @@ from pathlib import Path
 
 from coordinator import views
 from coordinator.liveness import Liveness
+from coordinator.records import AgentRecord
 from coordinator.store import Store
 from shared.messages import ServiceState
 
@@ -33,8 +34,8 @@ async def _fleet(tmp_path: Path, hosts: list[str]) -> tuple[Store, Liveness]:
     return store, Liveness(store)
 
 
-def _alive(liveness_agents: list, judged: float) -> dict[str, bool]:  # type: ignore[type-arg]
-    return {a.host_id: views.alive(a.last_seen, judged, LOST_AFTER) for a in liveness_agents}
+def _alive(agents: list[AgentRecord], judged: float) -> dict[str, bool]:
+    return {a.host_id: views.alive(a.last_seen, judged, LOST_AFTER) for a in agents}
 
 
 async def test_a_backlog_handled_late_does_not_make_live_hosts_look_lost(tmp_path: Path) -> None:

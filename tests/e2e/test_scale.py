@@ -52,8 +52,10 @@ def test_timer_deadlines_are_durable_a_restart_mid_bake_completes_at_the_first_d
     assert fleet.deployment(deployment_id)["state"] == "completed"
 
 
-def _alive(fleet: Fleet) -> dict[str, bool]:
-    return {h["host_id"]: bool(h["alive"]) for h in fleet.status()["hosts"]}
+def _alive(fleet: Fleet, hosts: list[str]) -> list[bool]:
+    """Whether each of `hosts` is alive, from one `status` call."""
+    alive = {h["host_id"]: bool(h["alive"]) for h in fleet.status()["hosts"]}
+    return [alive[h] for h in hosts]
 
 
 def test_hosts_down_for_a_release_come_back_and_converge_together_in_one_deployment(
@@ -69,7 +71,7 @@ def test_hosts_down_for_a_release_come_back_and_converge_together_in_one_deploym
     returning = hosts[1:]
     for host in returning:
         fleet.kill_agent(host)  # the host goes down: its service keeps running 1.0.0
-    wait_until(lambda: not any(_alive(fleet)[h] for h in returning), 30, "three hosts lost")
+    wait_until(lambda: not any(_alive(fleet, returning)), 30, "three hosts lost")
 
     release = fleet.deploy("orders=2.0.0")
     assert release.code == 0, release.stdout + release.stderr
