@@ -6,7 +6,10 @@ A participant that voted YES may not decide alone. The agent service calls
 task) asks again every `every` seconds about a transaction still prepared
 `stale_after` seconds after it last changed (2 x heartbeat_interval + 30 s: no
 decision came although the coordinator saw this agent alive). The coordinator answers
-by sending the decision again as a normal command. `due` is the pure decision.
+by sending the decision again as a normal command. `due` is the pure decision, and
+`next_look` when to look again: the task sleeps until the first moment anything could
+be due (a transaction prepared after a look is due `stale` seconds after it at the
+earliest), so an idle agent reads its store about once a `stale`, not every second.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ RESEND_EVERY = 10.0
 GRACE = 30.0
 """Added to two heartbeat intervals: how long a decision may take to arrive."""
 TICK = 1.0
-"""How often the background task looks for transactions in doubt."""
+"""The least time between two looks for transactions in doubt."""
 
 Key = tuple[str, str]
 Publish = Callable[[Inquiry], Awaitable[None]]
@@ -47,6 +50,18 @@ def due(
         and now - t.updated_at >= stale
         and now - asked.get((t.deployment_id, t.service), float("-inf")) >= every
     ]
+
+
+def next_look(
+    txns: Iterable[Txn], now: float, asked: Mapping[Key, float], stale: float, every: float
+) -> float:
+    """Seconds from `now` until one of `txns` (or one prepared after `now`) may be due."""
+    times = [now + stale]
+    for t in txns:
+        if t.state == "prepared":
+            last = asked.get((t.deployment_id, t.service), float("-inf"))
+            times.append(max(t.updated_at + stale, last + every))
+    return max(0.0, min(times) - now)
 
 
 class InDoubt:
@@ -74,12 +89,15 @@ class InDoubt:
 
     async def run(self) -> None:
         """Forever: ask again about transactions left in doubt."""
+        wait = 0.0  # the first look right away: ask_all has just asked
         while True:
-            await asyncio.sleep(self.tick)
+            await asyncio.sleep(max(self.tick, wait))
             txns = await self.store.txns(None, ("prepared",))
             self._forget(txns)
-            for txn in due(txns, time.time(), self._asked, self.stale, self.every):
+            now = time.time()
+            for txn in due(txns, now, self._asked, self.stale, self.every):
                 await self._ask(txn, "stale")
+            wait = next_look(txns, time.time(), self._asked, self.stale, self.every)
 
     async def _ask(self, txn: Txn, why: str) -> None:
         inquiry = Inquiry(deployment_id=txn.deployment_id, host_id=self.host_id,

@@ -38,14 +38,12 @@ class CommandLog:
 
     async def seen(self, id: str) -> bool:
         """Whether a command with this envelope id was received before (replay check)."""
-        async with self._db.execute("SELECT 1 FROM seen WHERE id = ?", (id,)) as cursor:
-            return await cursor.fetchone() is not None
+        return bool(await self._db.execute_fetchall("SELECT 1 FROM seen WHERE id = ?", (id,)))
 
     async def received_at(self, id: str) -> float | None:
         """When the command with this envelope id was received (time.time())."""
-        async with self._db.execute("SELECT at FROM seen WHERE id = ?", (id,)) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else float(row["at"])
+        rows = await self._db.execute_fetchall("SELECT at FROM seen WHERE id = ?", (id,))
+        return next((float(row["at"]) for row in rows), None)
 
     async def forget_seen(self, older_than: float) -> None:
         """Forget command ids received before `older_than` (time.time()): long expired."""
@@ -88,15 +86,14 @@ class CommandLog:
 
     async def pending(self) -> list[CommandRecord]:
         """Commands received but not done, in the order they arrived."""
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT * FROM commands WHERE state = 'received' ORDER BY rowid"
-        ) as cursor:
-            return [_command(row) for row in await cursor.fetchall()]
+        )
+        return [_command(row) for row in rows]
 
     async def _one(self, where: str, args: tuple[Any, ...]) -> CommandRecord | None:
-        async with self._db.execute(f"SELECT * FROM commands WHERE {where}", args) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _command(row)
+        rows = await self._db.execute_fetchall(f"SELECT * FROM commands WHERE {where}", args)
+        return next((_command(row) for row in rows), None)
 
 
 def _command(row: aiosqlite.Row) -> CommandRecord:

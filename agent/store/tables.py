@@ -5,12 +5,17 @@ migrates its tables (`agent.schema`) and makes its command log (`store.commands`
 agent/store/commands.py). The steps record transactions, what runs, and every
 `current` switch; the crash guard records crash loops, so a restarted agent leaves
 such a service down.
+
+One agent process owns its store, so what runs (the `services` table, read by every
+heartbeat and most steps) is also kept in memory, written through: reads cost no
+query. Reads that do query take one trip to the connection's thread
+(`execute_fetchall`), not three (execute, fetch, close).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -70,10 +75,12 @@ class Switch:
 class Store:
     """The agent's SQLite store; open with `await Store.open(path)`."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, services: list[ServiceRow]) -> None:
         self._db = db
         self.commands = CommandLog(db)
         """The durable command log, in the same file and on the same connection."""
+        self._services = {row.service: row for row in services}
+        """The services table, written through (this process alone writes it)."""
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -85,7 +92,8 @@ class Store:
         await db.executescript(SCHEMA)
         await _add_columns(db)
         await db.commit()
-        return cls(db)
+        rows = await db.execute_fetchall("SELECT * FROM services")
+        return cls(db, [_service(row) for row in rows])
 
     async def close(self) -> None:
         await self._db.close()
@@ -112,11 +120,10 @@ class Store:
         await self._db.commit()
 
     async def txn(self, deployment_id: str, service: str) -> Txn | None:
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT * FROM txns WHERE deployment_id = ? AND service = ?", (deployment_id, service)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _txn(row)
+        )
+        return next((_txn(row) for row in rows), None)
 
     async def txns(self, service: str | None, states: tuple[TxnState, ...]) -> list[Txn]:
         """Transactions in one of `states`, of `service` (None: of every service)."""
@@ -124,10 +131,10 @@ class Store:
         where, args = f"state IN ({marks})", tuple[str, ...](states)
         if service is not None:
             where, args = f"service = ? AND {where}", (service, *states)
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             f"SELECT * FROM txns WHERE {where} ORDER BY updated_at", args
-        ) as cursor:
-            return [_txn(row) for row in await cursor.fetchall()]
+        )
+        return [_txn(row) for row in rows]
 
     # --- services ---------------------------------------------------------------
 
@@ -142,25 +149,27 @@ class Store:
             ),
         )  # fmt: skip
         await self._db.commit()
+        self._services[row.service] = row
 
     async def set_health(self, service: str, health: Health) -> None:
         await self._db.execute(
             "UPDATE services SET health = ? WHERE service = ?", (health, service)
         )
         await self._db.commit()
+        row = self._services.get(service)
+        if row is not None:
+            self._services[service] = replace(row, health=health)
 
     async def delete_service(self, service: str) -> None:
         await self._db.execute("DELETE FROM services WHERE service = ?", (service,))
         await self._db.commit()
+        self._services.pop(service, None)
 
     async def services(self) -> list[ServiceRow]:
-        async with self._db.execute("SELECT * FROM services ORDER BY service") as cursor:
-            return [_service(row) for row in await cursor.fetchall()]
+        return [self._services[name] for name in sorted(self._services)]
 
     async def service(self, name: str) -> ServiceRow | None:
-        async with self._db.execute("SELECT * FROM services WHERE service = ?", (name,)) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _service(row)
+        return self._services.get(name)
 
     # --- crash loops ------------------------------------------------------------
 
@@ -177,11 +186,10 @@ class Store:
 
     async def crash_looped(self, service: str) -> str | None:
         """The version of `service` left down after a crash loop, if any."""
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT version FROM crash_loops WHERE service = ?", (service,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else str(row["version"])
+        )
+        return next((str(row["version"]) for row in rows), None)
 
     # --- switches ---------------------------------------------------------------
 
@@ -221,28 +229,26 @@ class Store:
     ) -> Switch | None:
         """The newest switch of `service` by this step that never settled (the agent died
         between switching `current` and the service becoming healthy or failing)."""
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT * FROM switches WHERE service = ? AND deployment_id = ? AND kind = ?"
             " AND settled_at IS NULL ORDER BY id DESC LIMIT 1",
             (service, deployment_id, kind),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else Switch(**dict(row))
+        )
+        return next((Switch(**dict(row)) for row in rows), None)
 
     async def switching(self, service: str) -> Switch | None:
         """The switch of `service` still open, if any (see `open_switch`)."""
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT * FROM switches WHERE service = ? AND settled_at IS NULL ORDER BY id DESC"
             " LIMIT 1",
             (service,),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else Switch(**dict(row))
+        )
+        return next((Switch(**dict(row)) for row in rows), None)
 
     async def switches(self, service: str | None = None) -> list[Switch]:
         where, args = ("WHERE service = ?", (service,)) if service else ("", ())
-        async with self._db.execute(f"SELECT * FROM switches {where} ORDER BY id", args) as cursor:
-            return [Switch(**dict(row)) for row in await cursor.fetchall()]
+        rows = await self._db.execute_fetchall(f"SELECT * FROM switches {where} ORDER BY id", args)
+        return [Switch(**dict(row)) for row in rows]
 
 
 async def _add_columns(db: aiosqlite.Connection) -> None:

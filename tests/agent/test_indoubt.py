@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.indoubt import InDoubt, due, stale_after
+from agent.indoubt import InDoubt, due, next_look, stale_after
 from agent.store import Store, Txn
 from shared import topology
 from shared.messages import Commit, Inquiry, Prepare, StepResult, Vote, make
@@ -99,3 +99,20 @@ async def test_a_txn_left_prepared_is_asked_about_again_until_it_has_an_outcome(
             await tasks.close()
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("txns", "asked", "expected"),
+    [
+        ([], {}, 34.0),  # nothing prepared: one prepared now is due in `stale` at the earliest
+        ([_txn("d1", "committed", updated_at=0.0)], {}, 34.0),  # has its outcome
+        ([_txn("d1", updated_at=120.0)], {}, 24.0),  # prepared 10 s ago: due in 24 s
+        ([_txn("d1", updated_at=50.0)], {("d1", "demo"): 125.0}, 5.0),  # asked 5 s ago
+        ([_txn("d1", updated_at=50.0)], {}, 0.0),  # overdue: look now
+        ([_txn("d1", updated_at=120.0), _txn("d2", updated_at=100.0)], {}, 4.0),  # the first
+    ],
+)
+def test_next_look_is_the_first_moment_a_txn_may_be_due_so_an_idle_agent_rarely_reads(
+    txns: list[Txn], asked: dict[tuple[str, str], float], expected: float
+) -> None:
+    assert next_look(txns, 130.0, asked, stale=34.0, every=10.0) == pytest.approx(expected)
