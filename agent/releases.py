@@ -38,7 +38,9 @@ class Releases:
     """The release dirs of every service under one state dir."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.root = state_dir / "services"
+        self.root = state_dir.resolve() / "services"
+        """Absolute and resolved once, so the paths built from it (`${release_dir}`)
+        are too, with no filesystem call each time."""
 
     def service_dir(self, name: str) -> Path:
         return self.root / name

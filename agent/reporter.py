@@ -1,5 +1,11 @@
 """What an agent tells the coordinator: reports (retried while the broker is away) and
-heartbeats (transient, every `heartbeat_interval`, and on a coordinator's ping).
+heartbeats (transient, every `interval` seconds, and on a coordinator's ping).
+
+The agent starts beating every `heartbeat_interval`; a coordinator with a large fleet
+tells it a longer period (a signed Ping, `pace`), never a shorter one than the agent's
+own setting. Every heartbeat says the period it beats at, by which the coordinator
+judges the host lost, and each wait is jittered (+-10%) so a fleet started together
+does not beat in step.
 
 `agent.service.Agent` makes one `Reporter` and passes `report` to the supervisor (crash
 loops) and the workers (step results), and `publish` to the in-doubt inquiries.
@@ -8,6 +14,7 @@ loops) and the workers (step results), and `publish` to the in-doubt inquiries.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
@@ -19,6 +26,8 @@ from shared.transport import Broker
 
 RETRY_MAX = 5.0
 """The longest pause between two attempts of a report (or of consuming the queue)."""
+JITTER = 0.1
+"""Each wait between two heartbeats is the period times 1 +- this."""
 
 
 class Reporter:
@@ -41,7 +50,17 @@ class Reporter:
         self.public_key = public_key
         self.settings = settings
         self._states = states
+        self.interval = settings.heartbeat_interval
+        """The period this agent beats at now (seconds)."""
         self._log = log.get("agent", host_id=host_id)
+
+    def pace(self, period: float) -> None:
+        """Beat every `period` seconds from now on (as the coordinator said), but never
+        more often than this agent's own `heartbeat_interval`."""
+        interval = max(period, self.settings.heartbeat_interval)
+        if interval != self.interval:
+            self._log.info("heartbeat.period", period=interval, before=self.interval)
+            self.interval = interval
 
     async def publish(self, body: Body) -> None:
         """Publish a report to the coordinator (persistent, confirmed)."""
@@ -65,17 +84,17 @@ class Reporter:
         observed_at = datetime.now(UTC)
         states = await self._states()
         body = Heartbeat(host_id=self.host_id, services=states, labels=self.labels,
-                         public_key=self.public_key)  # fmt: skip
+                         public_key=self.public_key, interval=self.interval)  # fmt: skip
         envelope = make(body, self.sender, sent_at=observed_at)
         # Transient, on a queue of its own, gone if not read within three intervals: a
         # heartbeat is news only while it is fresh, and never waits behind a vote.
         await self.broker.publish(topology.REPORTS, topology.HEARTBEAT_KEY, envelope,
-                                  ttl=3 * self.settings.heartbeat_interval)  # fmt: skip
+                                  ttl=3 * self.interval)  # fmt: skip
 
     async def heartbeats(self) -> None:
-        """Send a heartbeat every `heartbeat_interval`, for ever (a background task)."""
+        """Send a heartbeat every `interval` (jittered), for ever (a background task)."""
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(self.interval * random.uniform(1 - JITTER, 1 + JITTER))
             try:
                 await self.heartbeat()
             except TransientError as e:

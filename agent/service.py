@@ -203,6 +203,8 @@ class Agent:
         self._verify(envelope)
         body = envelope.body
         if isinstance(body, Ping):
+            if body.heartbeat_interval is not None:
+                self.reporter.pace(body.heartbeat_interval)
             await self.reporter.heartbeat()
             return
         if not isinstance(body, Prepare | Commit | Abort | Revert):

@@ -97,9 +97,9 @@ class Supervisor:
 
     def render(self, spec: ServiceVersion) -> ServiceVersion:
         """`spec` with its variables expanded for this host and its release dir."""
-        release_dir = self.releases.release_dir(spec.name, spec.version)
+        release_dir = self.releases.release_dir(spec.name, spec.version)  # absolute
         values = interpolate.variables(
-            self.host_id, self.labels, spec.name, spec.version, release_dir.resolve()
+            self.host_id, self.labels, spec.name, spec.version, release_dir
         )
         return interpolate.render(spec, values)
 
@@ -148,10 +148,10 @@ class Supervisor:
 
     async def run_hook(self, spec: ServiceVersion, hook: str) -> None:
         """Run hook `hook` of `spec` in its release dir (nothing if unset)."""
+        if not getattr(spec.hooks, hook):
+            return
         rendered = self.render(spec)
         command = getattr(rendered.hooks, hook)
-        if not command:
-            return
         release_dir = self.releases.release_dir(spec.name, spec.version)
         log_file = self.releases.log_file(spec.name, spec.version)
         timeout = self.settings.hook_timeout

@@ -54,7 +54,8 @@ class Request(BaseModel):
 
 class Intake:
     def __init__(
-        self, store: Store, liveness: Liveness, lost_after: float, start: Callable[[str], None]
+        self, store: Store, liveness: Liveness, lost_after: views.LostAfter,
+        start: Callable[[str], None],
     ) -> None:
         self.store = store
         self.liveness = liveness
@@ -153,7 +154,7 @@ class Intake:
         agents = await self.liveness.agents()
         now = self.liveness.now()
         running = {a.host_id: a.running() for a in agents}
-        live = [AgentInfo(a.host_id, a.labels, views.alive(a.last_seen, now, self.lost_after))
+        live = [AgentInfo(a.host_id, a.labels, views.host_alive(a, now, self.lost_after))
                 for a in agents]  # fmt: skip
         if request.kind == "converge":
             hosts = request.hosts or (request.host or "",)

@@ -10,6 +10,12 @@ the watch calls it once per sweep; a view lost in a crash before its flush is to
 again by the host's next heartbeat. `agents` lays what is in memory over the store's
 records for everything that judges liveness or reads what runs where (status, agents,
 planning, the watch, the health triggers), and `now` is the time to judge them at.
+
+Each host is judged by the period it beats at (`AgentRecord.heartbeat_interval`):
+what its heartbeats say, or the period it was told if that is longer and not yet
+confirmed. The watch sets the fleet's `period` once a sweep (`coordinator.pace`), and
+`beat` answers whether the host should be told it; `told` records the telling. A
+period told and not confirmed within `RETELL_AFTER` is told again.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from coordinator import pace
 from coordinator.records import AgentRecord
 from coordinator.store import Store
+from shared.config import CoordinatorSettings
 from shared.messages import Health, ServiceState
+
+RETELL_AFTER = 60.0
+"""Seconds after which a period told and not confirmed (a lost Ping) is told again."""
 
 
 @dataclass(frozen=True)
@@ -33,8 +44,15 @@ class View:
 
 
 class Liveness:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, settings: CoordinatorSettings) -> None:
         self.store = store
+        self.settings = settings
+        self.period: float | None = None
+        """The period the fleet should beat at (None until the first sweep sized it)."""
+        self._interval: dict[str, float] = {}
+        """The period each host is judged by: said, or told if longer and unconfirmed."""
+        self._told: dict[str, tuple[float, float]] = {}
+        """Host -> (period told, when), until its heartbeats say that period."""
         self._seen: dict[str, float] = {}
         self._dirty: set[str] = set()
         self._views: dict[str, View] = {}
@@ -48,20 +66,50 @@ class Liveness:
 
     async def beat(
         self, host: str, sent_at: float, services: Sequence[ServiceState],
-        labels: dict[str, str] | None,
-    ) -> None:  # fmt: skip
-        """A heartbeat of `host` sent at `sent_at`: note it, and what it says runs."""
+        labels: dict[str, str] | None, interval: float | None = None,
+    ) -> bool:  # fmt: skip
+        """A heartbeat of `host` sent at `sent_at`, beating every `interval` seconds:
+        note it, and what it says runs. True if the host should be told `period`."""
         now = time.time()
         seen = min(sent_at, now)
         self._lag = now - seen if self._lag is None else min(self._lag, now - seen)
         if seen > self._seen.get(host, 0.0):
             self._seen[host] = seen
             self._dirty.add(host)
+        said = interval or self.settings.heartbeat_interval
+        told = self._told.get(host)
+        if told is not None and said == told[0]:
+            del self._told[host]
+        self._judge(host, said)
         view = View(sent_at, tuple(services), labels)
         known = self._views.get(host)
-        if known is not None and (sent_at < known.at or _same(known, view)):
-            return
-        self._apply(host, view)
+        if known is None or (sent_at >= known.at and not _same(known, view)):
+            self._apply(host, view)
+        return self._should_tell(host, said, now)
+
+    def told(self, host: str, period: float) -> None:
+        """`host` was told to beat every `period` seconds (judged so, if longer)."""
+        self._told[host] = (period, time.time())
+        self._judge(host, self._interval.get(host, period))
+
+    def size(self, agents: int) -> None:
+        """The fleet has `agents` live agents: the period it should beat at follows."""
+        base = self.settings.heartbeat_interval
+        self.period = pace.period(agents, base, self.settings.max_heartbeats_per_second,
+                                  self.period or base)  # fmt: skip
+
+    def _should_tell(self, host: str, said: float, now: float) -> bool:
+        if self.period is None or said == self.period:
+            return False
+        told = self._told.get(host)
+        return told is None or told[0] != self.period or now - told[1] > RETELL_AFTER
+
+    def _judge(self, host: str, said: float) -> None:
+        told = self._told.get(host)
+        judged = max(said, told[0]) if told is not None else said
+        if self._interval.get(host) != judged:
+            self._interval[host] = judged
+            self._dirty.add(host)
 
     def step(
         self, host: str, service: str, version: str | None, health: Health, sent_at: float
@@ -87,9 +135,11 @@ class Liveness:
         self._views[host] = self._unwritten[host] = view
 
     def forget(self, host: str) -> None:
-        """The store was told what `host` runs directly (its hello): start from there."""
+        """The store was told what `host` runs directly (its hello): start from there.
+        A restarted agent beats at its own period again until it is told otherwise."""
         self._views.pop(host, None)
         self._unwritten.pop(host, None)
+        self._told.pop(host, None)
 
     def now(self) -> float:
         """The time liveness is judged at: now, less how far behind its heartbeats this
@@ -107,7 +157,7 @@ class Liveness:
         views, self._unwritten = self._unwritten, {}
         try:
             await self.store.save_liveness(
-                {h: self._seen[h] for h in dirty},
+                {h: (self._seen.get(h, 0.0), self._interval.get(h)) for h in dirty},
                 {h: (v.at, [s.model_dump() for s in v.services], v.labels)
                  for h, v in views.items()},
             )  # fmt: skip
@@ -125,12 +175,17 @@ class Liveness:
         return [self._newest(agent) for agent in agents]
 
     def _newest(self, agent: AgentRecord) -> AgentRecord:
-        seen = max(agent.last_seen, self._seen.get(agent.host_id, 0.0))
-        view = self._views.get(agent.host_id)  # never older than the store's (see forget)
+        host = agent.host_id
+        seen = max(agent.last_seen, self._seen.get(host, 0.0))
+        interval = self._interval.get(host, agent.heartbeat_interval)
+        view = self._views.get(host)  # never older than the store's (see forget)
         if view is None:
-            return agent if seen == agent.last_seen else replace(agent, last_seen=seen)
+            if seen == agent.last_seen and interval == agent.heartbeat_interval:
+                return agent
+            return replace(agent, last_seen=seen, heartbeat_interval=interval)
         labels = agent.labels if view.labels is None else view.labels
-        return replace(agent, last_seen=seen, services=view.services, labels=labels)
+        return replace(agent, last_seen=seen, services=view.services, labels=labels,
+                       heartbeat_interval=interval)  # fmt: skip
 
 
 def _same(known: View, view: View) -> bool:

@@ -20,6 +20,7 @@ from coordinator.runtime import Deployments
 from coordinator.store import Store
 from shared import log
 from shared.config import CoordinatorSettings
+from shared.errors import BrokerUnavailable
 from shared.messages import (
     Abort,
     AgentHello,
@@ -31,23 +32,26 @@ from shared.messages import (
     HealthChange,
     Heartbeat,
     Inquiry,
+    Ping,
     RollbackRequest,
     StepResult,
     Vote,
 )
-from shared.transport import Delivery
+from shared.tasks import TaskGroup
+from shared.transport import Delivery, Unroutable
 
 
 class Reactions:
     def __init__(
         self, store: Store, liveness: Liveness, deployments: Deployments, requests: Requests,
-        settings: CoordinatorSettings,
+        settings: CoordinatorSettings, tasks: TaskGroup,
     ) -> None:  # fmt: skip
         self.store = store
         self.liveness = liveness
         self.deployments = deployments
         self.requests = requests
         self.settings = settings
+        self._tasks = tasks
         self._log = log.get("coordinator")
 
     async def on_hello(self, delivery: Delivery) -> None:
@@ -60,7 +64,21 @@ class Reactions:
     async def on_heartbeat(self, delivery: Delivery) -> None:
         beat = body(delivery, Heartbeat)
         sent_at = delivery.envelope.sent_at.timestamp()
-        await self.liveness.beat(beat.host_id, sent_at, beat.services, beat.labels)
+        host = beat.host_id
+        if await self.liveness.beat(host, sent_at, beat.services, beat.labels, beat.interval):
+            period = self.liveness.period
+            assert period is not None  # beat() asks for a telling only once it is sized
+            self.liveness.told(host, period)
+            self._tasks.spawn(self._tell(host, period), f"pace:{host}")
+
+    async def _tell(self, host: str, period: float) -> None:
+        """Tell `host` the period to beat at (in the background: heartbeats never wait)."""
+        try:
+            await self.deployments.publish_command(host, Ping(heartbeat_interval=period))
+        except (Unroutable, BrokerUnavailable) as e:  # told again after RETELL_AFTER
+            self._log.warning("heartbeat.untold", host_id=host, period=period, error=str(e))
+            return
+        self._log.debug("heartbeat.told", host_id=host, period=period)
 
     async def on_vote(self, delivery: Delivery) -> None:
         vote = body(delivery, Vote)

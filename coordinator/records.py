@@ -77,6 +77,8 @@ class AgentRecord:
     """An operator asked to converge it over versions lockstep never deployed."""
     key_state: str
     public_key: str
+    heartbeat_interval: float | None = None
+    """The period it beats at, by which it is judged lost (None: heartbeat_interval)."""
 
     def running(self) -> dict[str, str]:
         """service -> the version the host runs (services it runs none of: absent)."""

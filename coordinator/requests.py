@@ -33,7 +33,7 @@ from shared.transport import Delivery
 class Requests:
     def __init__(
         self, store: Store, intake: Intake, deployments: Deployments, liveness: Liveness,
-        enrollment: Enrollment, lost_after: float,
+        enrollment: Enrollment, lost_after: views.LostAfter,
     ) -> None:  # fmt: skip
         self.store = store
         self.intake = intake

@@ -88,8 +88,8 @@ class Coordinator:
     async def start(self) -> None:
         self.store = await Store.open(self.db_path)
         announce = Announcer(self.store, self.broker)
-        self.liveness = Liveness(self.store)
-        self.intake = Intake(self.store, self.liveness, self.settings.lost_after, self._begin)
+        self.liveness = Liveness(self.store, self.settings)
+        self.intake = Intake(self.store, self.liveness, self.settings.lost_after_for, self._begin)
         self.enrollment = Enrollment(
             self.store, self.broker, self.policy, self._queue_type, announce.emit
         )
@@ -98,9 +98,9 @@ class Coordinator:
             announce.deployment, self.intake.start_ready,
         )  # fmt: skip
         self.requests = Requests(self.store, self.intake, self.deployments, self.liveness,
-                                 self.enrollment, self.settings.lost_after)  # fmt: skip
+                                 self.enrollment, self.settings.lost_after_for)  # fmt: skip
         self.reactions = Reactions(self.store, self.liveness, self.deployments, self.requests,
-                                   self.settings)  # fmt: skip
+                                   self.settings, self._tasks)  # fmt: skip
         await self.broker.connect()
         await self.broker.declare(topology.coordinator_queue(), topology.heartbeats_queue())
         for record in await self.store.in_flight():

@@ -7,15 +7,25 @@ the CLI prints them as they are with `--json`, or renders them as text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from coordinator.records import AgentRecord, DeploymentRecord, EventRecord, Registered, Release
 from shared import signing
 
+LostAfter = Callable[[float | None], float]
+"""Seconds of silence after which a host beating every so many seconds (None: the
+coordinator's heartbeat_interval) is lost: `CoordinatorSettings.lost_after_for`."""
+
 
 def alive(last_seen: float, now: float, lost_after: float) -> bool:
     """Whether a host last heard of at `last_seen` still counts as alive at `now`."""
     return now - last_seen <= lost_after
+
+
+def host_alive(agent: AgentRecord, now: float, lost_after: LostAfter) -> bool:
+    """Whether `agent` still counts as alive at `now`, judged by the period it beats at."""
+    return alive(agent.last_seen, now, lost_after(agent.heartbeat_interval))
 
 
 def deployment(record: DeploymentRecord) -> dict[str, Any]:
@@ -87,7 +97,7 @@ def services(agent: AgentRecord) -> list[dict[str, Any]]:
 
 
 def agents(
-    records: list[AgentRecord], now: float, lost_after: float, heard: dict[str, float]
+    records: list[AgentRecord], now: float, lost_after: LostAfter, heard: dict[str, float]
 ) -> dict[str, Any]:
     """Every enrolled agent; one whose key is not approved is alive while it reports
     (`heard`), though nothing it says is believed."""
@@ -96,7 +106,7 @@ def agents(
             {
                 "host_id": a.host_id,
                 "labels": a.labels,
-                "state": "alive" if alive(_last_heard(a, heard), now, lost_after) else "lost",
+                "state": "alive" if _heard_alive(a, now, lost_after, heard) else "lost",
                 "key_state": a.key_state,
                 "fingerprint": signing.fingerprint(a.public_key) if a.public_key else None,
                 "last_seen": a.last_seen,
@@ -106,6 +116,12 @@ def agents(
             for a in records
         ]
     }
+
+
+def _heard_alive(
+    agent: AgentRecord, now: float, lost_after: LostAfter, heard: dict[str, float]
+) -> bool:
+    return alive(_last_heard(agent, heard), now, lost_after(agent.heartbeat_interval))
 
 
 def _last_heard(agent: AgentRecord, heard: dict[str, float]) -> float:
@@ -120,13 +136,13 @@ def status(
     in_flight: list[DeploymentRecord],
     agent_records: list[AgentRecord],
     now: float,
-    lost_after: float,
+    lost_after: LostAfter,
 ) -> dict[str, Any]:
     desired = in_flight[0].release_id if in_flight else release_id
     hosts = [
         {
             "host_id": a.host_id,
-            "alive": alive(a.last_seen, now, lost_after),
+            "alive": host_alive(a, now, lost_after),
             "labels": a.labels,
             "last_seen": a.last_seen,
             "services": [

@@ -1,9 +1,11 @@
 """The coordinator's watch over the fleet: liveness and convergence.
 
 A loop started by the coordinator sweeps every heartbeat interval. It marks agents
-`lost` after `lost_after_missed` missed heartbeats and `alive` again when they report
-(publishing `agent.lost` / `agent.returned`), judged at `Liveness.now()` so that a
-coordinator behind on its heartbeats never takes its backlog for silent hosts. It
+`lost` after `lost_after_missed` missed heartbeats of the period each beats at, and
+`alive` again when they report (publishing `agent.lost` / `agent.returned`), judged at
+`Liveness.now()` so that a coordinator behind on its heartbeats never takes its
+backlog for silent hosts; and it sizes the period the fleet should beat at from the
+number alive (`Liveness.size`, `coordinator.pace`). It
 converges hosts: the live hosts that run something other than the current release for
 their labels are gathered by the change they need (`convergence.groups`), and each
 group gets ONE deployment through the same prepare/commit path, in batches, beside any
@@ -69,8 +71,14 @@ class Watch:
         await self.liveness.flush()
         judged = self.liveness.now()
         agents = await self.liveness.agents()
+        alive = 0
         for agent in agents:
-            await self._liveness(agent, judged, may_lose=not stalled)
+            alive += await self._liveness(agent, judged, may_lose=not stalled)
+        before = self.liveness.period
+        self.liveness.size(alive)
+        if self.liveness.period != before:
+            self._log.info("heartbeat.period", agents=alive, period=self.liveness.period,
+                           before=before)  # fmt: skip
         release_id, release = await self.store.current_release()
         quiet = now - await self.store.last_ended() > 2 * self.settings.heartbeat_interval
         if release_id is None or not quiet:
@@ -78,7 +86,7 @@ class Watch:
             return
         catalog = await self.store.catalog()
         deployed = await self.store.deployed_pairs()
-        live = [a for a in agents if views.alive(a.last_seen, judged, self.settings.lost_after)]
+        live = [a for a in agents if views.host_alive(a, judged, self.settings.lost_after_for)]
         fixes = {a.host_id: await self._drift(a, release, catalog, deployed) for a in live}
         due = {h: fix for h, fix in fixes.items() if fix and now >= self._retry_at.get(h, 0.0)}
         running = {a.host_id: dict(a.running()) for a in live}
@@ -88,14 +96,16 @@ class Watch:
             if busy.isdisjoint(group.fix):  # else it waits: those services are moving
                 await self._converge(group, overwrite, now)
 
-    async def _liveness(self, agent: AgentRecord, now: float, *, may_lose: bool) -> None:
-        alive = views.alive(agent.last_seen, now, self.settings.lost_after)
+    async def _liveness(self, agent: AgentRecord, now: float, *, may_lose: bool) -> bool:
+        """Mark `agent` lost or alive again if it changed; whether it is alive."""
+        alive = views.host_alive(agent, now, self.settings.lost_after_for)
         if alive == (agent.state == "alive") or not (alive or may_lose):
-            return
+            return alive
         state, event = ("alive", "agent.returned") if alive else ("lost", "agent.lost")
         await self.store.set_agent(agent.host_id, state=state)
         self._log.info(event, host_id=agent.host_id)
         await self._emit(None, event, {"host_id": agent.host_id, "last_seen": agent.last_seen})
+        return alive
 
     async def _drift(
         self, agent: AgentRecord, release: dict[str, str], catalog: Any,

@@ -71,6 +71,10 @@ class CoordinatorSettings(HeartbeatSettings):
 
     lost_after_missed: int = Field(default=3, ge=1)
     """Missed heartbeats after which an agent counts as lost."""
+    max_heartbeats_per_second: float = Field(default=100.0, gt=0)
+    """The most heartbeats a second the fleet sends the coordinator: agents of a fleet
+    larger than this x heartbeat_interval are told to beat less often (coordinator.pace;
+    Nomad's max_heartbeats_per_second)."""
     auto_rollback_window: Duration = 900.0
     """How long after a release completed an alert may still roll it back."""
     alert_min_severity: Literal["info", "warning", "error", "critical"] = "critical"
@@ -78,8 +82,13 @@ class CoordinatorSettings(HeartbeatSettings):
 
     @property
     def lost_after(self) -> float:
-        """Seconds of silence after which a host is lost."""
-        return self.heartbeat_interval * self.lost_after_missed
+        """Seconds of silence after which a host beating every heartbeat_interval is lost."""
+        return self.lost_after_for(None)
+
+    def lost_after_for(self, interval: float | None) -> float:
+        """Seconds of silence after which a host that beats every `interval` seconds
+        (None: heartbeat_interval) is lost."""
+        return (interval or self.heartbeat_interval) * self.lost_after_missed
 
 
 class AgentSettings(HeartbeatSettings):

@@ -133,8 +133,15 @@ class Revert(Body):
     """The version to go back to; None stops the service (it was new on the host)."""
 
 
+Period = Annotated[float, Field(gt=0, le=3600)]
+"""A heartbeat period in seconds."""
+
+
 class Ping(Body):
     KIND: ClassVar[str] = "ping"
+    heartbeat_interval: Period | None = None
+    """From now on, beat every this many seconds (never faster than the agent's own
+    setting): the coordinator spreads a large fleet's heartbeats (coordinator.pace)."""
 
 
 # --- reports from agents (lockstep.reports, key coordinator) ------------------------
@@ -165,6 +172,9 @@ class Heartbeat(Body):
     """Repeated so a coordinator that missed the agent's hello still learns them."""
     public_key: PublicKey | None = None
     """Repeated for the same reason: a coordinator that never saw the hello enrolls it."""
+    interval: Period | None = None
+    """The period this agent beats at now, by which the coordinator judges it lost
+    (None: an agent that predates the field, at the coordinator's heartbeat_interval)."""
 
 
 class Vote(Body):

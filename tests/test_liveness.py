@@ -16,6 +16,7 @@ from coordinator import views
 from coordinator.liveness import Liveness
 from coordinator.records import AgentRecord
 from coordinator.store import Store
+from shared.config import CoordinatorSettings
 from shared.messages import ServiceState
 
 LOST_AFTER = 6.0
@@ -31,7 +32,7 @@ async def _fleet(tmp_path: Path, hosts: list[str]) -> tuple[Store, Liveness]:
         await store.enroll(host, f"key-{host}", {}, "approved")
     with sqlite3.connect(tmp_path / "coordinator.db") as db:  # heard of long ago, if ever
         db.execute("UPDATE agents SET last_seen = 0")
-    return store, Liveness(store)
+    return store, Liveness(store, CoordinatorSettings())
 
 
 def _alive(agents: list[AgentRecord], judged: float) -> dict[str, bool]:
@@ -109,5 +110,50 @@ async def test_a_step_result_for_a_host_not_yet_in_memory_is_left_to_the_store(
     store, liveness = await _fleet(tmp_path, ["a"])
     try:
         assert not liveness.step("a", "web", "2.0.0", "healthy", time.time())
+    finally:
+        await store.close()
+
+
+async def test_a_host_is_judged_by_the_period_it_beats_at_and_that_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["slow", "fast"])
+    settings = CoordinatorSettings()
+    try:
+        sent = time.time() - 30  # 30 s of silence since
+        await liveness.beat("slow", sent, _web("1.0.0"), None, interval=20.0)
+        await liveness.beat("fast", sent, _web("1.0.0"), None)  # at heartbeat_interval (2 s)
+        await liveness.flush()
+        agents = {a.host_id: a for a in await liveness.agents()}
+        now = time.time()
+        assert views.host_alive(agents["slow"], now, settings.lost_after_for)  # 3 x 20 s
+        assert not views.host_alive(agents["fast"], now, settings.lost_after_for)  # 3 x 2 s
+        restarted = {a.host_id: a for a in await Liveness(store, settings).agents()}
+        assert restarted["slow"].heartbeat_interval == 20.0
+        assert views.host_alive(restarted["slow"], now, settings.lost_after_for)
+    finally:
+        await store.close()
+
+
+async def test_a_large_fleet_is_told_a_longer_period_once_and_judged_by_it_until_it_says_it(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["a"])
+    try:
+        now = time.time()
+        assert not await liveness.beat("a", now, _web("1.0.0"), None, 2.0)  # not sized yet
+        liveness.size(1000)  # 1,000 agents at 100 heartbeats a second: every 10 s
+        assert liveness.period == 10.0
+        assert await liveness.beat("a", now, _web("1.0.0"), None, 2.0)  # to be told
+        liveness.told("a", 10.0)
+        assert not await liveness.beat("a", now + 1, _web("1.0.0"), None, 2.0)  # told already
+        (judged,) = await liveness.agents()
+        assert judged.heartbeat_interval == 10.0  # told and unconfirmed: the longer one
+        assert not await liveness.beat("a", now + 2, _web("1.0.0"), None, 10.0)  # says it
+        liveness.size(100)  # the fleet shrank: back to 2 s
+        assert await liveness.beat("a", now + 3, _web("1.0.0"), None, 10.0)
+        liveness.told("a", 2.0)
+        (judged,) = await liveness.agents()
+        assert judged.heartbeat_interval == 10.0  # it still beats every 10 s until it says 2
     finally:
         await store.close()

@@ -32,7 +32,7 @@ async def test_an_agents_services_come_back_as_they_were_reported(tmp_path: Path
             reported[0],
             {"service": "payments", "version": "2.0.0", "health": "healthy"},
         ]
-        doc = views.agents([agent], now=agent.last_seen, lost_after=6.0, heard={})["agents"][0]
+        doc = views.agents([agent], now=agent.last_seen, lost_after=lambda _: 6.0, heard={})["agents"][0]
         assert (doc["host_id"], doc["labels"], doc["state"], doc["key_state"]) == (
             "h1", {"role": "web"}, "alive", "approved",
         )  # fmt: skip

@@ -69,15 +69,17 @@ class AgentTable(Table):
         await self._db.commit()
 
     async def save_liveness(
-        self, seen: dict[str, float],
+        self, seen: dict[str, tuple[float, float | None]],
         views: dict[str, tuple[float, list[dict[str, Any]], dict[str, str] | None]],
     ) -> None:  # fmt: skip
-        """When each host was last heard of (never moving back), and what hosts run as
-        their reports sent at a time said (host -> (sent at, services, labels or None);
+        """When each host was last heard of (never moving back) and the heartbeat period
+        it is judged by (host -> (last seen, period)), and what hosts run as their
+        reports sent at a time said (host -> (sent at, services, labels or None);
         skipped where a newer report was applied already), in one transaction."""
         await self._db.executemany(
-            "UPDATE agents SET last_seen = MAX(last_seen, ?) WHERE host_id = ?",
-            [(at, host) for host, at in seen.items()],
+            "UPDATE agents SET last_seen = MAX(last_seen, ?), heartbeat_interval = ?"
+            " WHERE host_id = ?",
+            [(at, interval, host) for host, (at, interval) in seen.items()],
         )
         await self._db.executemany(
             "UPDATE agents SET services = ?, labels = COALESCE(?, labels), reported_at = ?"
@@ -102,6 +104,7 @@ class AgentTable(Table):
                 overwrite=bool(r["overwrite"]),
                 key_state=r["key_state"],
                 public_key=r["public_key"],
+                heartbeat_interval=r["heartbeat_interval"],
             )
             for r in rows
         ]

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seen REAL NOT NULL, first_seen REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'alive', overwrite INTEGER NOT NULL DEFAULT 0,
     reported_at REAL NOT NULL DEFAULT 0, public_key TEXT NOT NULL DEFAULT '',
-    key_state TEXT NOT NULL DEFAULT 'pending');
+    key_state TEXT NOT NULL DEFAULT 'pending', heartbeat_interval REAL);
 CREATE TABLE IF NOT EXISTS timers (
     deployment_id TEXT NOT NULL, token TEXT NOT NULL, due_at REAL NOT NULL,
     PRIMARY KEY (deployment_id, token));
@@ -50,6 +50,7 @@ _ADDED_COLUMNS = {
     "agents": (
         ("public_key", "TEXT NOT NULL DEFAULT ''"),
         ("key_state", "TEXT NOT NULL DEFAULT 'pending'"),
+        ("heartbeat_interval", "REAL"),
     ),
     "deployments": (("requested_by", "TEXT NOT NULL DEFAULT ''"),),
 }

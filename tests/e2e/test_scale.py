@@ -5,13 +5,19 @@ Each test is named after the promise it proves.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import sqlite3
 import time
+from pathlib import Path
 
+import aio_pika
 import pytest
 
+from shared import topology
+from shared.messages import Heartbeat, decode
 from tests.e2e.fleet import Fleet
-from tests.support.procs import wait_until
+from tests.support.procs import Procs, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -89,3 +95,78 @@ def test_hosts_down_for_a_release_come_back_and_converge_together_in_one_deploym
         )}  # fmt: skip
     assert moved == set(returning)
     assert converges[0]["state"] == "completed"
+
+
+PERIOD = 4.0
+"""2 agents at LOCKSTEP_MAX_HEARTBEATS_PER_SECOND=0.5: told to beat every 4 s, where the
+tests' heartbeat_interval of 0.5 s would judge them lost after 1.5 s of silence."""
+
+
+async def _tap_heartbeats(amqp_url: str, name: str) -> None:
+    """A queue of the test's own that gets a copy of every heartbeat."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, durable=False, auto_delete=False)
+        await queue.bind(topology.REPORTS, topology.HEARTBEAT_KEY)
+
+
+async def _drain(amqp_url: str, name: str) -> list[tuple[str, float, float | None]]:
+    """(host, sent at, interval said) of every heartbeat tapped so far."""
+    found = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(name)
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            envelope = decode(message.body)
+            assert isinstance(envelope.body, Heartbeat)
+            body = envelope.body
+            found.append((body.host_id, envelope.sent_at.timestamp(), body.interval))
+    return found
+
+
+def _lost_events(fleet: Fleet) -> list[dict[str, object]]:
+    result = fleet.cli("events", "--json")
+    assert result.code == 0, result.stderr
+    return [e for e in result.doc["events"] if e["type"] == "agent.lost"]
+
+
+def test_heartbeats_a_large_fleet_is_told_a_longer_period_and_no_live_agent_is_lost(
+    tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]
+) -> None:
+    env = dict(lockstep_env, LOCKSTEP_MAX_HEARTBEATS_PER_SECOND="0.5")
+    fleet = Fleet(tmp_path, env, procs)
+    fleet.start_coordinator()
+    url = env["LOCKSTEP_AMQP_URL"]
+    asyncio.run(_tap_heartbeats(url, "test.heartbeats"))
+    fleet.add_host("host-a", web="yes")
+    fleet.add_host("host-b", web="yes")
+    fleet.wait_alive("host-a", "host-b")
+    beats: list[tuple[str, float, float | None]] = []
+
+    def tapped(until: float = 0.0) -> bool:
+        """Collect the heartbeats tapped (before their TTL drops them); True past `until`."""
+        beats.extend(asyncio.run(_drain(url, "test.heartbeats")))
+        return time.time() > until
+
+    def paced() -> bool:
+        tapped()
+        return {h for h, _, said in beats if said == PERIOD} == {"host-a", "host-b"}
+
+    wait_until(paced, 30, "both agents to say they beat every 4 s")
+    since = max(at for _, at, said in beats if said == PERIOD)
+    wait_until(lambda: tapped(since + 3 * PERIOD), 30, "three periods to pass")
+    fleet.kill_coordinator()  # what each host beats at survives a restart
+    fleet.start_coordinator()
+    wait_until(lambda: tapped(since + 5 * PERIOD), 30, "two more periods to pass")
+
+    for host in ("host-a", "host-b"):  # (the beat the 0.5 s wait had pending may follow)
+        times = sorted(at for h, at, said in beats if h == host and at >= since + 1)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert len(gaps) >= 3, (host, times)
+        assert min(gaps) > 0.8 * PERIOD - 0.5, (host, gaps)  # not every 0.5 s any more
+    assert _lost_events(fleet) == []  # judged by the 4 s they beat at, not by 0.5 s
+    states = {a["host_id"]: a["state"] for a in fleet.cli("agents", "--json").doc["agents"]}
+    assert states == {"host-a": "alive", "host-b": "alive"}
