@@ -59,6 +59,12 @@ class Liveness:
         """The newest view applied per host, written or not."""
         self._unwritten: dict[str, View] = {}
         self._lag: float | None = None
+        self._records: dict[str, AgentRecord] = {}
+        """The store's approved agents as last read, at `_version` of its agents table."""
+        self._merged: dict[str, AgentRecord] = {}
+        """`_records` with what is in memory laid over them; `_changed` hosts re-laid."""
+        self._version = -1
+        self._changed: set[str] = set()
         self.behind = 0.0
         """How far behind its heartbeats this coordinator was at the last flush: the
         least delay (handled minus sent) of the heartbeats handled since the flush
@@ -76,6 +82,7 @@ class Liveness:
         if seen > self._seen.get(host, 0.0):
             self._seen[host] = seen
             self._dirty.add(host)
+            self._changed.add(host)
         said = interval or self.settings.heartbeat_interval
         told = self._told.get(host)
         if told is not None and said == told[0]:
@@ -110,6 +117,7 @@ class Liveness:
         if self._interval.get(host) != judged:
             self._interval[host] = judged
             self._dirty.add(host)
+            self._changed.add(host)
 
     def step(
         self, host: str, service: str, version: str | None, health: Health, sent_at: float
@@ -133,6 +141,7 @@ class Liveness:
         if view.labels is None and known is not None:
             view = replace(view, labels=known.labels)
         self._views[host] = self._unwritten[host] = view
+        self._changed.add(host)
 
     def forget(self, host: str) -> None:
         """The store was told what `host` runs directly (its hello): start from there.
@@ -140,6 +149,7 @@ class Liveness:
         self._views.pop(host, None)
         self._unwritten.pop(host, None)
         self._told.pop(host, None)
+        self._changed.add(host)
 
     def now(self) -> float:
         """The time liveness is judged at: now, less how far behind its heartbeats this
@@ -167,12 +177,20 @@ class Liveness:
             raise
 
     async def agents(self, *, approved_only: bool = True) -> list[AgentRecord]:
-        """The store's agents with their newest `last_seen` and view."""
-        return self.merge(await self.store.agents(approved_only=approved_only))
-
-    def merge(self, agents: list[AgentRecord]) -> list[AgentRecord]:
-        """`agents` (store records) with the newest `last_seen` and views in memory."""
-        return [self._newest(agent) for agent in agents]
+        """The store's agents with their newest `last_seen` and view. The approved ones
+        (every sweep, plan and status reads them) are read from the store only after
+        it changed them, and re-laid only where something new came in since."""
+        if not approved_only:
+            return [self._newest(a) for a in await self.store.agents(approved_only=False)]
+        if self._version != self.store.agents_changed:
+            self._version = self.store.agents_changed
+            self._records = {a.host_id: a for a in await self.store.agents()}
+            self._merged = {h: self._newest(a) for h, a in self._records.items()}
+            self._changed.clear()
+        for host in self._changed & self._records.keys():
+            self._merged[host] = self._newest(self._records[host])
+        self._changed.clear()
+        return list(self._merged.values())
 
     def _newest(self, agent: AgentRecord) -> AgentRecord:
         host = agent.host_id

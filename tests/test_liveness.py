@@ -157,3 +157,25 @@ async def test_a_large_fleet_is_told_a_longer_period_once_and_judged_by_it_until
         assert judged.heartbeat_interval == 10.0  # it still beats every 10 s until it says 2
     finally:
         await store.close()
+
+
+async def test_a_sweep_reads_the_agents_from_the_store_only_after_the_store_changed_them(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["a", "b"])
+    try:
+        assert [a.labels for a in await liveness.agents()] == [{}, {}]
+        with sqlite3.connect(tmp_path / "coordinator.db") as db:  # behind the store's back
+            db.execute("""UPDATE agents SET labels = '{"role": "db"}'""")
+        now = time.time()
+        await liveness.beat("a", now, _web("2.0.0"), None)  # news in memory: laid over
+        agents = {a.host_id: a for a in await liveness.agents()}
+        assert (agents["a"].labels, agents["b"].labels) == ({}, {})  # not read again
+        assert [s.version for s in agents["a"].services] == ["2.0.0"]
+        assert agents["a"].last_seen == now
+        await store.set_agent("b", state="lost")  # a write through the store: read again
+        agents = {a.host_id: a for a in await liveness.agents()}
+        assert (agents["b"].labels, agents["b"].state) == ({"role": "db"}, "lost")
+        assert [s.version for s in agents["a"].services] == ["2.0.0"]  # memory laid over
+    finally:
+        await store.close()

@@ -48,6 +48,7 @@ class AgentTable(Table):
             (host_id, json.dumps(labels or {}), json.dumps(services), now, now, sent_at),
         )
         await self._db.commit()
+        self.agents_changed += 1
         return not rows
 
     async def agent_service(
@@ -67,6 +68,7 @@ class AgentTable(Table):
             (json.dumps(sorted(services, key=lambda s: s["service"])), sent_at, host_id),
         )
         await self._db.commit()
+        self.agents_changed += 1
 
     async def save_liveness(
         self, seen: dict[str, tuple[float, float | None]],
@@ -132,17 +134,20 @@ class AgentTable(Table):
             (host_id, json.dumps(labels), now, now, public_key, key_state),
         )
         await self._db.commit()
+        self.agents_changed += 1
 
     async def set_key_state(self, host_id: str, key_state: str) -> None:
         await self._db.execute(
             "UPDATE agents SET key_state = ? WHERE host_id = ?", (key_state, host_id)
         )
         await self._db.commit()
+        self.agents_changed += 1
 
     async def remove_agent(self, host_id: str) -> bool:
         """Forget a host and its key (it may enroll again, with a new key); False if unknown."""
         cursor = await self._db.execute("DELETE FROM agents WHERE host_id = ?", (host_id,))
         await self._db.commit()
+        self.agents_changed += 1
         return cursor.rowcount > 0
 
     async def set_agent(
@@ -155,4 +160,5 @@ class AgentTable(Table):
             (state, None if overwrite is None else int(overwrite), host_id),
         )
         await self._db.commit()
+        self.agents_changed += 1
         return cursor.rowcount > 0

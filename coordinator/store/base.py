@@ -80,7 +80,9 @@ class Table:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        self.agents_changed = 0
+        """Bumped by every write to the agents table but the liveness flush: a reader
+        that keeps agent records knows when to read them again (coordinator.liveness)."""
 
     async def _rows(self, sql: str, *args: Any) -> list[aiosqlite.Row]:
-        async with self._db.execute(sql, args) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self._db.execute_fetchall(sql, args))
