@@ -128,13 +128,16 @@ class Releases:
 
     # --- current ----------------------------------------------------------------
 
-    def switch(self, name: str, version: str) -> None:
-        """Point `current` at releases/<version> atomically (rename over it)."""
+    def switch(self, name: str, version: str) -> str | None:
+        """Point `current` at releases/<version> atomically (rename over it); the
+        version it pointed at before (None: none)."""
+        previous = self.current_version(name)
         link = self.current_link(name)
         temp = link.with_name(f".current.{uuid.uuid4().hex}")
         os.symlink(os.path.join("releases", version), temp)
         os.replace(temp, link)
         _fsync_dir(link.parent)
+        return previous
 
     def current_version(self, name: str) -> str | None:
         try:

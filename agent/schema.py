@@ -1,7 +1,9 @@
 """The tables of the agent's SQLite store (`agent.store` creates and migrates them).
 
-`SCHEMA` creates what is missing; `ADDED_COLUMNS` lists columns added after a table
-was first shipped, which the store adds to an older database when it opens it.
+`SCHEMA` creates what is missing (the trigger `command_seen` records a command's id in
+`seen` in the very statement that logs the command: one write, atomic); `ADDED_COLUMNS`
+lists columns added after a table was first shipped, which the store adds to an older
+database when it opens it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ CREATE TABLE IF NOT EXISTS switches (
 CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS crash_loops (
     service TEXT PRIMARY KEY, version TEXT NOT NULL, exits INTEGER NOT NULL, ts REAL NOT NULL);
+CREATE TRIGGER IF NOT EXISTS command_seen AFTER INSERT ON commands BEGIN
+    INSERT OR IGNORE INTO seen (id, at)
+    VALUES (NEW.id, (julianday('now') - 2440587.5) * 86400.0);
+END;
 """
 ADDED_COLUMNS = {
     "switches": (("settled_at", "REAL"),),

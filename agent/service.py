@@ -223,7 +223,7 @@ class Agent:
                            service=service, deployment_id=body.deployment_id)  # fmt: skip
             await self.reporter.publish(recorded(record))
             return
-        self._workers_or_fail().dispatch(record)
+        self._workers_or_fail().dispatch(record, body)
 
     def _workers_or_fail(self) -> Workers:
         if self._workers is None:

@@ -91,19 +91,10 @@ class Steps:
         return self._vote(cmd, True, "")
 
     async def _stage(self, spec: ServiceVersion, deployment_id: str) -> str | None:
-        """Stage the artifact unless an intact release is already here; the staged path."""
-        if await asyncio.to_thread(self.releases.is_intact, spec):
-            return None
-        await asyncio.to_thread(self.releases.discard, spec.name, deployment_id)
-        staged = self.releases.staging_dir(spec.name, deployment_id)
-        scratch = self.releases.download_path(spec.name, deployment_id)
-        await asyncio.to_thread(staged.parent.mkdir, parents=True, exist_ok=True)
+        """Stage the artifact unless an intact release is already here; the staged path.
+        All of it in one worker thread trip."""
         limits = artifacts.Limits.of(self.settings)
-        await asyncio.to_thread(
-            artifacts.fetch, spec.artifact, spec.sha256, staged, scratch, limits
-        )
-        await asyncio.to_thread(self.releases.mark, staged, spec)
-        return str(staged)
+        return await asyncio.to_thread(_stage_files, self.releases, spec, deployment_id, limits)
 
     def _vote(self, cmd: Prepare, yes: bool, reason: str) -> Vote:
         return Vote(deployment_id=cmd.deployment_id, host_id=self.host_id, service=cmd.spec.name,
@@ -176,9 +167,8 @@ class Steps:
         """
         name = spec.name
         if resumed is None:
-            previous = await asyncio.to_thread(self.releases.current_version, name)
             await self.sup.stop(name)
-            switch_id = await _to_the_end(self._switch(name, previous, spec.version, kind, dep))
+            switch_id = await _to_the_end(self._switch(name, spec.version, kind, dep))
             if kind == "commit":
                 faults.point("agent.switched")
         else:
@@ -199,11 +189,10 @@ class Steps:
         await self.store.settle_switch(switch_id)
         return reason
 
-    async def _switch(
-        self, name: str, previous: str | None, version: str, kind: SwitchKind, dep: str
-    ) -> int:
-        """Switch `current` to `version` (in a thread: it fsyncs) and record the switch."""
-        await asyncio.to_thread(self.releases.switch, name, version)
+    async def _switch(self, name: str, version: str, kind: SwitchKind, dep: str) -> int:
+        """Switch `current` to `version` (in a thread: it fsyncs) and record the switch
+        from the version it pointed at."""
+        previous = await asyncio.to_thread(self.releases.switch, name, version)
         return await self.store.add_switch(name, previous, version, kind, dep)
 
     # --- abort ------------------------------------------------------------------
@@ -302,6 +291,22 @@ class Steps:
     ) -> StepResult:
         return StepResult(deployment_id=dep, host_id=self.host_id, service=name,
                           step=step, ok=ok, reason=reason, running=running)  # fmt: skip
+
+
+def _stage_files(
+    releases: Releases, spec: ServiceVersion, deployment_id: str, limits: artifacts.Limits
+) -> str | None:
+    """Blocking: stage `spec`'s artifact for `deployment_id`, unless releases/<version>
+    is intact already (None then); the staged dir."""
+    if releases.is_intact(spec):
+        return None
+    releases.discard(spec.name, deployment_id)
+    staged = releases.staging_dir(spec.name, deployment_id)
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    scratch = releases.download_path(spec.name, deployment_id)
+    artifacts.fetch(spec.artifact, spec.sha256, staged, scratch, limits)
+    releases.mark(staged, spec)
+    return str(staged)
 
 
 async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:

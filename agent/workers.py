@@ -37,14 +37,15 @@ class Workers:
         self._steps = steps
         self._report = report
         self.host_id = host_id
-        self._queues: dict[str, asyncio.Queue[CommandRecord]] = {}
+        self._queues: dict[str, asyncio.Queue[tuple[CommandRecord, Command | None]]] = {}
         self._inflight: set[str] = set()
         self.stopping = False
         """Set when the agent stops: nothing more is queued."""
         self._log = log.get("agent", host_id=host_id)
 
-    def dispatch(self, record: CommandRecord) -> None:
-        """Queue `record` on its service's worker (once, however often it arrives)."""
+    def dispatch(self, record: CommandRecord, command: Command | None = None) -> None:
+        """Queue `record` on its service's worker (once, however often it arrives);
+        `command`: its body, as decoded on arrival (else decoded from the record)."""
         if self.stopping or record.id in self._inflight:
             return
         self._inflight.add(record.id)
@@ -52,21 +53,21 @@ class Workers:
         if queue is None:
             queue = self._queues[record.service] = asyncio.Queue()
             self._tasks.spawn(self._work(queue), f"worker:{record.service}", forever=True)
-        queue.put_nowait(record)
+        queue.put_nowait((record, command))
 
-    async def _work(self, queue: asyncio.Queue[CommandRecord]) -> None:
+    async def _work(self, queue: asyncio.Queue[tuple[CommandRecord, Command | None]]) -> None:
         while True:
-            record = await queue.get()
+            record, command = await queue.get()
             try:
-                await self._execute(record)
+                await self._execute(record, command)
             except Exception:  # the worker outlives any one command (it stays received)
                 self._log.exception("command.failed", command_id=record.id, step=record.step,
                                     service=record.service)  # fmt: skip
             finally:
                 self._inflight.discard(record.id)
 
-    async def _execute(self, record: CommandRecord) -> None:
-        command: Any = decode(record.body.encode()).body
+    async def _execute(self, record: CommandRecord, decoded: Command | None) -> None:
+        command: Any = decoded or decode(record.body.encode()).body
         logger = self._log.bind(deployment_id=record.deployment_id, service=record.service)
         logger.info("command.started", step=record.step, command_id=record.id)
         try:
