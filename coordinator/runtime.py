@@ -41,6 +41,8 @@ SENDER = "coordinator"
 ENDED_KEPT = 64
 """How many ended deployments stay in memory."""
 OnPhase = Callable[[str], Awaitable[None]]
+Pending = tuple[machine.Event, "asyncio.Future[None] | None"]
+"""An event waiting to be applied, and the future its sender awaits (None: a follow-up)."""
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Live:
     deadlines: dict[str, float]
     """When each timer it started fires (token -> time), as saved."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    pending: list[tuple[machine.Event, asyncio.Future[None] | None]] = field(default_factory=list)
+    pending: list[Pending] = field(default_factory=list)
 
 
 class Deployments:
@@ -86,22 +88,37 @@ class Deployments:
             await done  # the holder applies it with its own
             return
         async with live.lock:
-            while live.pending:
-                batch, live.pending = live.pending, []
-                try:
-                    follow_ups = await self._apply(live, [e for e, _ in batch])
-                except BaseException as e:
-                    for _, waiting in batch:
-                        if waiting is not None and waiting is not done and not waiting.done():
-                            waiting.set_exception(e)
-                    raise
-                for _, waiting in batch:
+            try:
+                while live.pending:
+                    batch, live.pending = live.pending, []
+                    live.pending += await self._apply_batch(live, batch)
+            except BaseException as e:  # cancelled: nobody is left to apply what waits
+                for _, waiting in live.pending:
                     if waiting is not None and not waiting.done():
-                        waiting.set_result(None)
-                live.pending += [(follow_up, None) for follow_up in follow_ups]
+                        waiting.set_exception(e)
+                live.pending = []
+                raise
             if live.state.done:
                 self._live.pop(deployment_id, None)
                 self._remember(live.state)
+        await done  # its own outcome: raises if its event could not be applied
+
+    async def _apply_batch(self, live: Live, batch: list[Pending]) -> list[Pending]:
+        """Apply `batch` in one go; if that fails (nothing was saved or sent), each
+        event alone, so one event that cannot be applied fails alone. Settles every
+        waiter; the follow-up events to apply next."""
+        try:
+            follow_ups = await self._apply(live, [e for e, _ in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                _settle(batch, e)
+                return []
+            follow_ups = []
+            for one in batch:
+                follow_ups += await self._apply_batch(live, [one])
+            return follow_ups
+        _settle(batch, None)
+        return [(follow_up, None) for follow_up in follow_ups]
 
     async def state(self, deployment_id: str) -> machine.Deployment | None:
         """The deployment's state as the machine last left it (None: no such deployment)."""
@@ -159,13 +176,22 @@ class Deployments:
         live.deadlines.update(timers)
         live.state = state
         _fault_points(before, state)
+        # Saved: from here on nothing raises, and every action is carried out whatever
+        # became of the others (a timer must start even if a send failed).
         follow_ups: list[machine.Event] = []
         for action in actions:
-            follow_ups += await self._perform(live, state, action)
+            try:
+                follow_ups += await self._perform(live, state, action)
+            except Exception:
+                self._log.exception("deployment.action_failed", deployment_id=state.id,
+                                    action=type(action).__name__)  # fmt: skip
         if any(isinstance(a, machine.Send) and a.command == "prepare" for a in actions):
             faults.point("coordinator.prepare_sent")
         if state.phase != before.phase:
-            await self._on_phase(state.id)
+            try:
+                await self._on_phase(state.id)
+            except Exception:
+                self._log.exception("deployment.announce_failed", deployment_id=state.id)
         return follow_ups
 
     async def _perform(
@@ -232,6 +258,15 @@ class Deployments:
         )
 
     publish_command = _publish
+
+
+def _settle(batch: list[Pending], error: Exception | None) -> None:
+    for _, waiting in batch:
+        if waiting is not None and not waiting.done():
+            if error is None:
+                waiting.set_result(None)
+            else:
+                waiting.set_exception(error)
 
 
 def _command(
