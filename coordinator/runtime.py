@@ -113,10 +113,10 @@ class Deployments:
             if len(batch) == 1:
                 _settle(batch, e)
                 return []
-            follow_ups = []
+            after: list[Pending] = []
             for one in batch:
-                follow_ups += await self._apply_batch(live, [one])
-            return follow_ups
+                after += await self._apply_batch(live, [one])
+            return after
         _settle(batch, None)
         return [(follow_up, None) for follow_up in follow_ups]
 
