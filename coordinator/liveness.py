@@ -20,8 +20,9 @@ period told and not confirmed within `RETELL_AFTER` is told again.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from coordinator import pace
@@ -65,6 +66,11 @@ class Liveness:
         """`_records` with what is in memory laid over them; `_changed` hosts re-laid."""
         self._version = -1
         self._changed: set[str] = set()
+        self.hellos: dict[str, float] = {}
+        """When each host said hello (came up), until a deployment it takes part in
+        ended: its hello is the truth of what it runs (coordinator.watch)."""
+        self.woken = asyncio.Event()
+        """Set by every hello and by a deployment's end: the watch sweeps soon."""
         self.behind = 0.0
         """How far behind its heartbeats this coordinator was at the last flush: the
         least delay (handled minus sent) of the heartbeats handled since the flush
@@ -142,6 +148,20 @@ class Liveness:
             view = replace(view, labels=known.labels)
         self._views[host] = self._unwritten[host] = view
         self._changed.add(host)
+
+    def hello(self, host: str) -> None:
+        """`host` came up and said what it runs (the store has it): start from there,
+        and let the watch know."""
+        self.forget(host)
+        self.hellos[host] = time.time()
+        self.woken.set()
+
+    def ended(self, hosts: Iterable[str]) -> None:
+        """A deployment in which `hosts` took part ended: what they run is no longer
+        what they said when they came up, but what its results said."""
+        for host in hosts:
+            self.hellos.pop(host, None)
+        self.woken.set()
 
     def forget(self, host: str) -> None:
         """The store was told what `host` runs directly (its hello): start from there.

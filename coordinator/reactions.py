@@ -59,7 +59,7 @@ class Reactions:
         services = [s.model_dump() for s in hello.services]
         sent_at = delivery.envelope.sent_at.timestamp()
         await self.store.agent_seen(hello.host_id, services, hello.labels, sent_at)
-        self.liveness.forget(hello.host_id)
+        self.liveness.hello(hello.host_id)
 
     async def on_heartbeat(self, delivery: Delivery) -> None:
         beat = body(delivery, Heartbeat)

@@ -61,7 +61,7 @@ class Live:
 class Deployments:
     def __init__(
         self, store: Store, broker: Broker, tasks: TaskGroup, command_ttl: float,
-        on_phase: OnPhase, on_finished: Callable[[], Coroutine[Any, Any, None]],
+        on_phase: OnPhase, on_finished: Callable[[machine.Deployment], Coroutine[Any, Any, None]],
     ) -> None:  # fmt: skip
         self.store = store
         self.broker = broker
@@ -207,7 +207,7 @@ class Deployments:
                 )
             case machine.Finished():
                 metrics.DEPLOYMENTS.labels(action.phase).inc()
-                self._tasks.spawn(self._on_finished(), f"dequeue:{d.id}")
+                self._tasks.spawn(self._on_finished(d), f"finished:{d.id}")
                 self._log.info("deployment.finished", deployment_id=d.id, state=action.phase,
                                reason=action.reason)  # fmt: skip
         return []

@@ -95,7 +95,7 @@ class Coordinator:
         )
         self.deployments = Deployments(
             self.store, self.broker, self._tasks, self.policy.security.command_ttl,
-            announce.deployment, self.intake.start_ready,
+            announce.deployment, self._finished,
         )  # fmt: skip
         self.requests = Requests(self.store, self.intake, self.deployments, self.liveness,
                                  self.enrollment, self.settings.lost_after_for)  # fmt: skip
@@ -120,6 +120,12 @@ class Coordinator:
         await self._tasks.close()
         await self.broker.close()
         await self.store.close()
+
+    async def _finished(self, deployment: machine.Deployment) -> None:
+        """A deployment ended: its hosts' views come from its results now (the watch
+        judges them as usual), and what queued behind it may start."""
+        self.liveness.ended(host for host, _ in deployment.participants)
+        await self.intake.start_ready()
 
     def _begin(self, deployment_id: str) -> None:
         started = self.deployments.drive(deployment_id, machine.Started())

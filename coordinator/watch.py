@@ -13,12 +13,18 @@ unrelated deployment in flight (a group whose services are locked waits for a la
 sweep). A host running a version lockstep never deployed is reported (`agent.drift`),
 not overwritten, until an operator says `lockstep agents converge HOST`. A drift must
 be seen on two sweeps in a row, after the fleet has been quiet for two heartbeats, so
-reports still in flight after a deployment never start a needless one.
+reports still in flight after a deployment never start a needless one; except on a
+host that came up (said hello) and took part in no deployment that ended since, whose
+hello is the truth of what it runs: it is converged at the first sweep that sees it,
+quiet fleet or not. Hellos (and a deployment's end) bring the next sweep forward, to
+once no host said hello for `SETTLE` seconds, so a rack coming back together is
+converged together, in one deployment, at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,6 +42,8 @@ from shared.errors import UserError
 Emit = Callable[[str | None, str, dict[str, Any]], Awaitable[None]]
 RETRY_AFTER = 15.0
 """Seconds before convergence of a host is tried again after an attempt."""
+SETTLE = 0.5
+"""After a hello, the next sweep comes once no other host said hello for this long."""
 
 
 class Watch:
@@ -56,11 +64,23 @@ class Watch:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self._next_sweep()
             try:
                 await self.sweep()
             except Exception:  # one bad sweep must not end the watch
                 self._log.exception("watch.sweep_failed")
+
+    async def _next_sweep(self) -> None:
+        """Wait a heartbeat interval, or less: until hosts said hello (or a deployment
+        ended) and then none did for SETTLE seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.heartbeat_interval
+        hello = self.liveness.woken
+        while await _within(hello, deadline - loop.time()):
+            hello.clear()
+            settled = min(deadline, loop.time() + SETTLE)
+            if not await _within(hello, settled - loop.time()):
+                return
 
     async def sweep(self) -> None:
         now = time.time()
@@ -80,14 +100,20 @@ class Watch:
             self._log.info("heartbeat.period", agents=alive, period=self.liveness.period,
                            before=before)  # fmt: skip
         release_id, release = await self.store.current_release()
-        quiet = now - await self.store.last_ended() > 2 * self.settings.heartbeat_interval
-        if release_id is None or not quiet:
+        last_ended = await self.store.last_ended()
+        quiet = now - last_ended > 2 * self.settings.heartbeat_interval
+        hellos = self.liveness.hellos
+        if not quiet:
+            self._seen = {h: fix for h, fix in self._seen.items() if h in hellos}
+        if release_id is None or not (quiet or hellos):
             self._seen.clear()
             return
         catalog = await self.store.catalog()
         deployed = await self.store.deployed_pairs()
-        live = [a for a in agents if views.host_alive(a, judged, self.settings.lost_after_for)]
-        fixes = {a.host_id: await self._drift(a, release, catalog, deployed) for a in live}
+        live = [a for a in agents if views.host_alive(a, judged, self.settings.lost_after_for)
+                and (quiet or a.host_id in hellos)]  # fmt: skip
+        fixes = {a.host_id: await self._drift(a, release, catalog, deployed, a.host_id in hellos)
+                 for a in live}  # fmt: skip
         due = {h: fix for h, fix in fixes.items() if fix and now >= self._retry_at.get(h, 0.0)}
         running = {a.host_id: dict(a.running()) for a in live}
         overwrite = {a.host_id for a in live if a.overwrite}
@@ -109,10 +135,11 @@ class Watch:
 
     async def _drift(
         self, agent: AgentRecord, release: dict[str, str], catalog: Any,
-        deployed: set[tuple[str, str]],
+        deployed: set[tuple[str, str]], came_up: bool,
     ) -> dict[str, str]:  # fmt: skip
         """What `agent` must be moved to, once the same drift was seen on two sweeps in a
-        row (reporting, once each, what it runs that lockstep never deployed)."""
+        row, or at once if it `came_up` since the last deployment ended (reporting, once
+        each, what it runs that lockstep never deployed)."""
         host = agent.host_id
         want = convergence.desired(agent.labels, release, catalog)
         drift = convergence.drift(want, agent.running(), deployed, agent.overwrite)
@@ -124,7 +151,7 @@ class Watch:
                     "why": "lockstep never deployed this version; `lockstep agents converge` "
                            "replaces it"})  # fmt: skip
         previous, self._seen[host] = self._seen.get(host), drift.fix
-        return drift.fix if previous == drift.fix else {}
+        return drift.fix if came_up or previous == drift.fix else {}
 
     async def _converge(self, group: convergence.Group, overwrite: set[str], now: float) -> None:
         """One deployment that brings every host of `group` to the current release."""
@@ -141,3 +168,11 @@ class Watch:
             return
         for host in overwrite.intersection(group.hosts):
             await self.store.set_agent(host, overwrite=False)
+
+
+async def _within(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `event`; whether it is set."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()

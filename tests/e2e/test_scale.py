@@ -64,9 +64,17 @@ def _alive(fleet: Fleet, hosts: list[str]) -> list[bool]:
     return [alive[h] for h in hosts]
 
 
-def test_hosts_down_for_a_release_come_back_and_converge_together_in_one_deployment(
-    fleet: Fleet,
+SLOW_BEATS = 3.0
+"""heartbeat_interval of the convergence test: converging the old way (a drift seen on two
+sweeps, after two quiet intervals) would take at least 2 x 3 s after the last deploy."""
+
+
+def test_hosts_down_for_a_release_come_back_and_converge_together_in_one_deployment_at_once(
+    tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]
 ) -> None:
+    fleet = Fleet(tmp_path, dict(lockstep_env, LOCKSTEP_HEARTBEAT_INTERVAL=f"{SLOW_BEATS:g}"),
+                  procs)  # fmt: skip
+    fleet.start_coordinator()
     hosts = [f"host-{i}" for i in range(1, 5)]
     for host in hosts:
         fleet.add_host(host, web="yes")
@@ -77,11 +85,12 @@ def test_hosts_down_for_a_release_come_back_and_converge_together_in_one_deploym
     returning = hosts[1:]
     for host in returning:
         fleet.kill_agent(host)  # the host goes down: its service keeps running 1.0.0
-    wait_until(lambda: not any(_alive(fleet, returning)), 30, "three hosts lost")
+    wait_until(lambda: not any(_alive(fleet, returning)), 60, "three hosts lost")
 
     release = fleet.deploy("orders=2.0.0")
     assert release.code == 0, release.stdout + release.stderr
     assert {p["host"] for p in release.doc["participants"]} == {"host-1"}
+    back = time.time()
     for host in returning:
         fleet.start_agent(host)
 
@@ -95,6 +104,8 @@ def test_hosts_down_for_a_release_come_back_and_converge_together_in_one_deploym
         )}  # fmt: skip
     assert moved == set(returning)
     assert converges[0]["state"] == "completed"
+    # converged on their hellos: no two sweeps, no quiet fleet to wait for
+    assert converges[0]["started_at"] - back < 2 * SLOW_BEATS, converges[0]["started_at"] - back
 
 
 PERIOD = 4.0
