@@ -203,9 +203,10 @@ class Agent:
         self._verify(envelope)
         body = envelope.body
         if isinstance(body, Ping):
-            if body.heartbeat_interval is not None:
+            if body.heartbeat_interval is None:
+                await self.reporter.heartbeat()  # asked how it is
+            else:  # told how often to beat: the next heartbeat says it, no sooner
                 self.reporter.pace(body.heartbeat_interval)
-            await self.reporter.heartbeat()
             return
         if not isinstance(body, Prepare | Commit | Abort | Revert):
             raise ProtocolError(f"kind: an agent does not accept {envelope.kind!r} messages")

@@ -105,11 +105,12 @@ class Liveness:
         self._told[host] = (period, time.time())
         self._judge(host, self._interval.get(host, period))
 
-    def size(self, agents: int) -> None:
+    def size(self, agents: int) -> float:
         """The fleet has `agents` live agents: the period it should beat at follows."""
         base = self.settings.heartbeat_interval
         self.period = pace.period(agents, base, self.settings.max_heartbeats_per_second,
                                   self.period or base)  # fmt: skip
+        return self.period
 
     def _should_tell(self, host: str, said: float, now: float) -> bool:
         if self.period is None or said == self.period:

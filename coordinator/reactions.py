@@ -11,6 +11,7 @@ not a participant, or a service the host does not run, changes nothing (SPEC 7).
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from coordinator import machine, triggers
@@ -40,6 +41,9 @@ from shared.messages import (
 from shared.tasks import TaskGroup
 from shared.transport import Delivery, Unroutable
 
+TELLING = 200
+"""Pings telling hosts their heartbeat period published at once (a fleet-wide change)."""
+
 
 class Reactions:
     def __init__(
@@ -60,6 +64,9 @@ class Reactions:
         sent_at = delivery.envelope.sent_at.timestamp()
         await self.store.agent_seen(hello.host_id, services, hello.labels, sent_at)
         self.liveness.hello(hello.host_id)
+        period = self.liveness.period  # a new agent beats at its own setting: tell it
+        if period is not None and period != self.settings.heartbeat_interval:
+            self.tell([hello.host_id], period)
 
     async def on_heartbeat(self, delivery: Delivery) -> None:
         beat = body(delivery, Heartbeat)
@@ -68,17 +75,28 @@ class Reactions:
         if await self.liveness.beat(host, sent_at, beat.services, beat.labels, beat.interval):
             period = self.liveness.period
             assert period is not None  # beat() asks for a telling only once it is sized
-            self.liveness.told(host, period)
-            self._tasks.spawn(self._tell(host, period), f"pace:{host}")
+            self.tell([host], period)
 
-    async def _tell(self, host: str, period: float) -> None:
-        """Tell `host` the period to beat at (in the background: heartbeats never wait)."""
-        try:
-            await self.deployments.publish_command(host, Ping(heartbeat_interval=period))
-        except (Unroutable, BrokerUnavailable) as e:  # told again after RETELL_AFTER
-            self._log.warning("heartbeat.untold", host_id=host, period=period, error=str(e))
-            return
-        self._log.debug("heartbeat.told", host_id=host, period=period)
+    def tell(self, hosts: list[str], period: float) -> None:
+        """Tell `hosts` the period to beat at (in the background: heartbeats and sweeps
+        never wait for it), TELLING at a time."""
+        for host in hosts:
+            self.liveness.told(host, period)
+        for start in range(0, len(hosts), TELLING):
+            chunk = hosts[start : start + TELLING]
+            self._tasks.spawn(self._tell(chunk, period), f"pace:{chunk[0]}+{len(chunk)}")
+
+    async def _tell(self, hosts: list[str], period: float) -> None:
+        ping = Ping(heartbeat_interval=period)
+        results = await asyncio.gather(
+            *(self.deployments.publish_command(h, ping) for h in hosts), return_exceptions=True
+        )
+        for host, result in zip(hosts, results, strict=True):
+            if isinstance(result, Unroutable | BrokerUnavailable):  # told again later
+                self._log.warning("heartbeat.untold", host_id=host, period=period,
+                                  error=str(result))  # fmt: skip
+            elif isinstance(result, BaseException):
+                raise result
 
     async def on_vote(self, delivery: Delivery) -> None:
         vote = body(delivery, Vote)

@@ -112,7 +112,8 @@ class Coordinator:
         # Heartbeats are transient: auto-ack, and one at a time (each is handled in memory,
         # without an await that would let the others overtake it).
         await self.broker.consume(topology.HEARTBEATS_QUEUE, self.handle, auto_ack=True)
-        watch = Watch(self.store, self.liveness, self.settings, self.intake, announce.emit)
+        watch = Watch(self.store, self.liveness, self.settings, self.intake, announce.emit,
+                      self.reactions.tell)  # fmt: skip
         self._tasks.spawn(watch.run(), "watch", forever=True)
         self._log.info("coordinator.started", db=str(self.db_path))
 

@@ -40,6 +40,7 @@ from shared.config import CoordinatorSettings
 from shared.errors import UserError
 
 Emit = Callable[[str | None, str, dict[str, Any]], Awaitable[None]]
+Tell = Callable[[list[str], float], None]
 RETRY_AFTER = 15.0
 """Seconds before convergence of a host is tried again after an attempt."""
 SETTLE = 0.5
@@ -49,8 +50,10 @@ SETTLE = 0.5
 class Watch:
     def __init__(
         self, store: Store, liveness: Liveness, settings: CoordinatorSettings, intake: Intake,
-        emit: Emit,
+        emit: Emit, tell: Tell,
     ) -> None:  # fmt: skip
+        """`tell`: tells hosts the heartbeat period (coordinator.reactions)."""
+        self._tell = tell
         self.store = store
         self.liveness = liveness
         self.settings = settings
@@ -91,14 +94,15 @@ class Watch:
         await self.liveness.flush()
         judged = self.liveness.now()
         agents = await self.liveness.agents()
-        alive = 0
-        for agent in agents:
-            alive += await self._liveness(agent, judged, may_lose=not stalled)
+        alive = [a for a in agents if await self._liveness(a, judged, may_lose=not stalled)]
         before = self.liveness.period
-        self.liveness.size(alive)
-        if self.liveness.period != before:
-            self._log.info("heartbeat.period", agents=alive, period=self.liveness.period,
-                           before=before)  # fmt: skip
+        period = self.liveness.size(len(alive))
+        if period != before:
+            self._log.info("heartbeat.period", agents=len(alive), period=period, before=before)
+            base = self.settings.heartbeat_interval
+            told = [a.host_id for a in alive if (a.heartbeat_interval or base) != period]
+            if before is not None or period != base:
+                self._tell(told, period)
         release_id, release = await self.store.current_release()
         last_ended = await self.store.last_ended()
         quiet = now - last_ended > 2 * self.settings.heartbeat_interval

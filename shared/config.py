@@ -71,7 +71,7 @@ class CoordinatorSettings(HeartbeatSettings):
 
     lost_after_missed: int = Field(default=3, ge=1)
     """Missed heartbeats after which an agent counts as lost."""
-    max_heartbeats_per_second: float = Field(default=100.0, gt=0)
+    max_heartbeats_per_second: float = Field(default=150.0, gt=0)
     """The most heartbeats a second the fleet sends the coordinator: agents of a fleet
     larger than this x heartbeat_interval are told to beat less often (coordinator.pace;
     Nomad's max_heartbeats_per_second)."""
