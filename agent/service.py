@@ -206,7 +206,7 @@ class Agent:
             if body.heartbeat_interval is None:
                 await self.reporter.heartbeat()  # asked how it is
             else:  # told how often to beat: the next heartbeat says it, no sooner
-                self.reporter.pace(body.heartbeat_interval)
+                self.reporter.pace(body.heartbeat_interval, envelope.sent_at)
             return
         if not isinstance(body, Prepare | Commit | Abort | Revert):
             raise ProtocolError(f"kind: an agent does not accept {envelope.kind!r} messages")

@@ -135,11 +135,15 @@ class Revert(Body):
 
 Period = Annotated[float, Field(gt=0, le=3600)]
 """A heartbeat period in seconds."""
+Since = Field(default=None, exclude_if=lambda value: value is None)
+"""A field newer than the protocol's first release: left out of the wire form (and so
+of what is signed) while None, so a peer that predates it reads and verifies the message
+unchanged, and a message from such a peer verifies here too."""
 
 
 class Ping(Body):
     KIND: ClassVar[str] = "ping"
-    heartbeat_interval: Period | None = None
+    heartbeat_interval: Period | None = Since
     """From now on, beat every this many seconds (never faster than the agent's own
     setting): the coordinator spreads a large fleet's heartbeats (coordinator.pace)."""
 
@@ -172,9 +176,10 @@ class Heartbeat(Body):
     """Repeated so a coordinator that missed the agent's hello still learns them."""
     public_key: PublicKey | None = None
     """Repeated for the same reason: a coordinator that never saw the hello enrolls it."""
-    interval: Period | None = None
-    """The period this agent beats at now, by which the coordinator judges it lost
-    (None: an agent that predates the field, at the coordinator's heartbeat_interval)."""
+    interval: Period | None = Since
+    """The period this agent beats at now, by which the coordinator judges it lost;
+    None (not said) while that is the agent's own heartbeat_interval, which is the
+    coordinator's too (README), or from an agent that predates the field."""
 
 
 class Vote(Body):
