@@ -15,7 +15,9 @@ Each host is judged by the period it beats at (`AgentRecord.heartbeat_interval`)
 what its heartbeats say, or the period it was told if that is longer and not yet
 confirmed. The watch sets the fleet's `period` once a sweep (`coordinator.pace`), and
 `beat` answers whether the host should be told it; `told` records the telling. A
-period told and not confirmed within `RETELL_AFTER` is told again.
+period told and not confirmed within `RETELL_AFTER` is told once more (a lost Ping),
+not again until the host says hello: an agent that predates the Ping's period refuses
+it (to lockstep.dead) and keeps its own, which is no harm, only more heartbeats.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from shared.config import CoordinatorSettings
 from shared.messages import Health, ServiceState
 
 RETELL_AFTER = 60.0
+TELLS = 2
+"""How many times one period is told to a host that does not say it."""
 """Seconds after which a period told and not confirmed (a lost Ping) is told again."""
 
 
@@ -52,8 +56,8 @@ class Liveness:
         """The period the fleet should beat at (None until the first sweep sized it)."""
         self._interval: dict[str, float] = {}
         """The period each host is judged by: said, or told if longer and unconfirmed."""
-        self._told: dict[str, tuple[float, float]] = {}
-        """Host -> (period told, when), until its heartbeats say that period."""
+        self._told: dict[str, tuple[float, float, int]] = {}
+        """Host -> (period told, when, how many times), until its heartbeats say it."""
         self._seen: dict[str, float] = {}
         self._dirty: set[str] = set()
         self._views: dict[str, View] = {}
@@ -66,9 +70,9 @@ class Liveness:
         """`_records` with what is in memory laid over them; `_changed` hosts re-laid."""
         self._version = -1
         self._changed: set[str] = set()
-        self.hellos: dict[str, float] = {}
-        """When each host said hello (came up), until a deployment it takes part in
-        ended: its hello is the truth of what it runs (coordinator.watch)."""
+        self._hellos: dict[str, dict[str, str]] = {}
+        """What each host that came up said it runs (service -> version), while that is
+        still what it runs and no sweep found it needs nothing (`came_up`)."""
         self.woken = asyncio.Event()
         """Set by every hello and by a deployment's end: the watch sweeps soon."""
         self.behind = 0.0
@@ -102,8 +106,13 @@ class Liveness:
 
     def told(self, host: str, period: float) -> None:
         """`host` was told to beat every `period` seconds (judged so, if longer)."""
-        self._told[host] = (period, time.time())
-        self._judge(host, self._interval.get(host, period))
+        before = self._told.get(host)
+        times = before[2] + 1 if before is not None and before[0] == period else 1
+        self._told[host] = (period, time.time(), times)
+        said = self._interval.get(host)
+        if said is None and host in self._records:  # not heard since a restart
+            said = self._records[host].heartbeat_interval
+        self._judge(host, said or period)
 
     def size(self, agents: int) -> float:
         """The fleet has `agents` live agents: the period it should beat at follows."""
@@ -116,7 +125,9 @@ class Liveness:
         if self.period is None or said == self.period:
             return False
         told = self._told.get(host)
-        return told is None or told[0] != self.period or now - told[1] > RETELL_AFTER
+        if told is None or told[0] != self.period:
+            return True
+        return told[2] < TELLS and now - told[1] > RETELL_AFTER
 
     def _judge(self, host: str, said: float) -> None:
         told = self._told.get(host)
@@ -150,18 +161,33 @@ class Liveness:
         self._views[host] = self._unwritten[host] = view
         self._changed.add(host)
 
-    def hello(self, host: str) -> None:
-        """`host` came up and said what it runs (the store has it): start from there,
-        and let the watch know."""
+    def hello(self, host: str, services: Iterable[ServiceState]) -> None:
+        """`host` came up and said it runs `services` (the store has it): start from
+        there, and let the watch know."""
         self.forget(host)
-        self.hellos[host] = time.time()
+        self._hellos[host] = {s.service: s.version for s in services if s.version is not None}
         self.woken.set()
+
+    def came_up(self, agents: Iterable[AgentRecord]) -> set[str]:
+        """The `agents` whose hello is the truth of what they run: they came up, and
+        still run what they said then (a step since, or a deployment's results, makes
+        them hosts like any other: forgotten here)."""
+        hellos = self._hellos
+        for agent in agents:
+            said = hellos.get(agent.host_id)
+            if said is not None and said != agent.running():
+                del hellos[agent.host_id]
+        return set(hellos)
+
+    def settled(self, hosts: Iterable[str]) -> None:
+        """A sweep found that `hosts`, which came up, need nothing: forget their hellos."""
+        for host in hosts:
+            self._hellos.pop(host, None)
 
     def ended(self, hosts: Iterable[str]) -> None:
         """A deployment in which `hosts` took part ended: what they run is no longer
         what they said when they came up, but what its results said."""
-        for host in hosts:
-            self.hellos.pop(host, None)
+        self.settled(hosts)
         self.woken.set()
 
     def forget(self, host: str) -> None:

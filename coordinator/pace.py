@@ -11,7 +11,7 @@ A small fleet beats every `heartbeat_interval`. A fleet of more than
 alone), so its period grows with it, as Nomad sizes its heartbeat TTLs
 (`max_heartbeats_per_second`): to `heartbeat_interval` times the smallest power of two
 that keeps the fleet within `rate`. Powers of two, because every change is told to
-every agent: a fleet growing from nothing to 2,000 agents is told four times, not
+every agent: a fleet growing from nothing to 2,000 agents is told three times, not
 ten. The period grows at once and shrinks only with a margin (`SHRINK`), so a fleet
 whose size wavers around a step is not told a new period on every sweep. Pure.
 """

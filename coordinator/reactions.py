@@ -63,7 +63,7 @@ class Reactions:
         services = [s.model_dump() for s in hello.services]
         sent_at = delivery.envelope.sent_at.timestamp()
         await self.store.agent_seen(hello.host_id, services, hello.labels, sent_at)
-        self.liveness.hello(hello.host_id)
+        self.liveness.hello(hello.host_id, hello.services)
         period = self.liveness.period  # a new agent beats at its own setting: tell it
         if period is not None and period != self.settings.heartbeat_interval:
             self.tell([hello.host_id], period)

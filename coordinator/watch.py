@@ -14,11 +14,12 @@ sweep). A host running a version lockstep never deployed is reported (`agent.dri
 not overwritten, until an operator says `lockstep agents converge HOST`. A drift must
 be seen on two sweeps in a row, after the fleet has been quiet for two heartbeats, so
 reports still in flight after a deployment never start a needless one; except on a
-host that came up (said hello) and took part in no deployment that ended since, whose
-hello is the truth of what it runs: it is converged at the first sweep that sees it,
-quiet fleet or not. Hellos (and a deployment's end) bring the next sweep forward, to
-once no host said hello for `SETTLE` seconds, so a rack coming back together is
-converged together, in one deployment, at once.
+host that came up (said hello) and still runs what it said then, whose hello is the
+truth of what it runs (`Liveness.came_up`): it is converged at the first sweep that
+sees it, quiet fleet or not. Hellos (and a deployment's end) bring the next sweep
+forward, to once no host said hello for `SETTLE` seconds, so a rack coming back
+together is converged together, in one deployment, at once. A stalled sweep does not
+size the fleet's heartbeat period: its silent fleet is not a smaller one.
 """
 
 from __future__ import annotations
@@ -95,18 +96,12 @@ class Watch:
         judged = self.liveness.now()
         agents = await self.liveness.agents()
         alive = [a for a in agents if await self._liveness(a, judged, may_lose=not stalled)]
-        before = self.liveness.period
-        period = self.liveness.size(len(alive))
-        if period != before:
-            self._log.info("heartbeat.period", agents=len(alive), period=period, before=before)
-            base = self.settings.heartbeat_interval
-            told = [a.host_id for a in alive if (a.heartbeat_interval or base) != period]
-            if before is not None or period != base:
-                self._tell(told, period)
+        if not stalled:  # a stalled sweep's silent fleet is not a smaller fleet
+            self._pace(alive)
         release_id, release = await self.store.current_release()
         last_ended = await self.store.last_ended()
         quiet = now - last_ended > 2 * self.settings.heartbeat_interval
-        hellos = self.liveness.hellos
+        hellos = self.liveness.came_up(agents)
         if not quiet:
             self._seen = {h: fix for h, fix in self._seen.items() if h in hellos}
         if release_id is None or not (quiet or hellos):
@@ -118,6 +113,7 @@ class Watch:
                 and (quiet or a.host_id in hellos)]  # fmt: skip
         fixes = {a.host_id: await self._drift(a, release, catalog, deployed, a.host_id in hellos)
                  for a in live}  # fmt: skip
+        self.liveness.settled(h for h, fix in fixes.items() if not fix and h in hellos)
         due = {h: fix for h, fix in fixes.items() if fix and now >= self._retry_at.get(h, 0.0)}
         running = {a.host_id: dict(a.running()) for a in live}
         overwrite = {a.host_id for a in live if a.overwrite}
@@ -125,6 +121,18 @@ class Watch:
         for group in convergence.groups(due, running):
             if busy.isdisjoint(group.fix):  # else it waits: those services are moving
                 await self._converge(group, overwrite, now)
+
+    def _pace(self, alive: list[AgentRecord]) -> None:
+        """Size the fleet's heartbeat period from the `alive` agents; tell a new one to
+        those that beat at another."""
+        before = self.liveness.period
+        period = self.liveness.size(len(alive))
+        if period != before:
+            self._log.info("heartbeat.period", agents=len(alive), period=period, before=before)
+            base = self.settings.heartbeat_interval
+            told = [a.host_id for a in alive if (a.heartbeat_interval or base) != period]
+            if before is not None or period != base:
+                self._tell(told, period)
 
     async def _liveness(self, agent: AgentRecord, now: float, *, may_lose: bool) -> bool:
         """Mark `agent` lost or alive again if it changed; whether it is alive."""

@@ -12,10 +12,14 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
+from coordinator import liveness as liveness_module
 from coordinator import views
 from coordinator.liveness import Liveness
 from coordinator.records import AgentRecord
 from coordinator.store import Store
+from coordinator.watch import Watch
 from shared.config import CoordinatorSettings
 from shared.messages import ServiceState
 
@@ -177,5 +181,83 @@ async def test_a_sweep_reads_the_agents_from_the_store_only_after_the_store_chan
         agents = {a.host_id: a for a in await liveness.agents()}
         assert (agents["b"].labels, agents["b"].state) == ({"role": "db"}, "lost")
         assert [s.version for s in agents["a"].services] == ["2.0.0"]  # memory laid over
+    finally:
+        await store.close()
+
+
+async def test_after_a_restart_a_host_told_a_shorter_period_is_judged_by_the_one_it_beats_at(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["a"])
+    try:
+        await liveness.beat("a", time.time(), _web("1.0.0"), None, 16.0)
+        await liveness.flush()
+        restarted = Liveness(store, CoordinatorSettings())
+        await restarted.agents()
+        restarted.told("a", 8.0)  # the fleet shrank while the coordinator was away
+        (judged,) = await restarted.agents()
+        assert judged.heartbeat_interval == 16.0  # until it says 8, it may beat every 16 s
+    finally:
+        await store.close()
+
+
+async def test_a_host_that_came_up_counts_as_such_only_while_it_runs_what_its_hello_said(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["a", "b"])
+    try:
+        for host in ("a", "b"):
+            await store.agent_seen(host, [s.model_dump() for s in _web("1.0.0")], {}, time.time())
+            liveness.hello(host, _web("1.0.0"))
+        assert liveness.came_up(await liveness.agents()) == {"a", "b"}
+        await liveness.beat("a", time.time(), _web("1.0.0"), None)  # says the same again
+        assert liveness.came_up(await liveness.agents()) == {"a", "b"}
+        liveness.step("a", "web", "2.0.0", "healthy", time.time())  # a step since its hello
+        liveness.settled(["b"])  # a sweep found it needs nothing
+        assert liveness.came_up(await liveness.agents()) == set()
+    finally:
+        await store.close()
+
+
+async def test_a_stalled_sweep_does_not_take_its_silent_fleet_for_a_smaller_one(
+    tmp_path: Path,
+) -> None:
+    store, liveness = await _fleet(tmp_path, ["a"])  # silent for ever (last_seen 0)
+    told: list[tuple[list[str], float]] = []
+
+    async def emit(deployment_id: str | None, event: str, data: dict[str, object]) -> None:
+        pass
+
+    settings = CoordinatorSettings()
+    watch = Watch(store, liveness, settings, None, emit, lambda hosts, p: told.append((hosts, p)))  # type: ignore[arg-type]  # no intake: no release, nothing converges
+    try:
+        liveness.size(1000)
+        watch._last_sweep = time.time() - 10 * settings.heartbeat_interval  # it was stalled
+        await watch.sweep()
+        assert (liveness.period, told) == (8.0, [])
+        await watch.sweep()  # on time: the silent fleet is a small one
+        assert liveness.period == settings.heartbeat_interval
+        assert told == [([], settings.heartbeat_interval)]
+    finally:
+        await store.close()
+
+
+async def test_a_host_that_never_says_the_period_it_was_told_is_told_once_more_then_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent older than the Ping's period refuses it: told again after RETELL_AFTER
+    (here at once), in case the Ping was lost, and then no more until it says hello."""
+    monkeypatch.setattr(liveness_module, "RETELL_AFTER", -1.0)
+    store, liveness = await _fleet(tmp_path, ["old"])
+    try:
+        liveness.size(1000)
+        now = time.time()
+        assert await liveness.beat("old", now, _web("1.0.0"), None)  # says nothing: 2 s
+        liveness.told("old", 8.0)
+        assert await liveness.beat("old", now + 1, _web("1.0.0"), None)  # once more
+        liveness.told("old", 8.0)
+        assert not await liveness.beat("old", now + 2, _web("1.0.0"), None)  # left alone
+        liveness.hello("old", _web("1.0.0"))  # it restarted (upgraded, perhaps)
+        assert await liveness.beat("old", now + 3, _web("1.0.0"), None)
     finally:
         await store.close()
