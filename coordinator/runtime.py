@@ -88,12 +88,14 @@ class Deployments:
             await done  # the holder applies it with its own
             return
         async with live.lock:
+            batch: list[Pending] = []
             try:
                 while live.pending:
                     batch, live.pending = live.pending, []
                     live.pending += await self._apply_batch(live, batch)
             except BaseException as e:  # cancelled: nobody is left to apply what waits
-                for _, waiting in live.pending:
+                done.cancel()  # its own: it raises instead
+                for _, waiting in batch + live.pending:
                     if waiting is not None and not waiting.done():
                         waiting.set_exception(e)
                 live.pending = []
@@ -111,6 +113,9 @@ class Deployments:
             follow_ups = await self._apply(live, [e for e, _ in batch])
         except Exception as e:
             if len(batch) == 1:
+                if batch[0][1] is None:  # a follow-up: nobody waits to hear it failed
+                    self._log.exception("deployment.event_failed", deployment_id=live.state.id,
+                                        event=type(batch[0][0]).__name__)  # fmt: skip
                 _settle(batch, e)
                 return []
             after: list[Pending] = []

@@ -140,3 +140,31 @@ async def test_a_timer_starts_even_when_the_send_beside_it_fails(
     state = await asyncio.wait_for(decided(), 10)
     assert state.decision == "abort"  # the prepare timer fired: presumed abort
     assert "timed out" in state.reason or "did not vote" in state.reason, state.reason
+
+
+async def test_when_the_lock_holder_is_cancelled_every_report_it_held_is_answered(
+    runtime: tuple[Deployments, CountingStore],
+) -> None:
+    """The report being applied by a holder that is cancelled (a shutdown) is answered
+    with the cancellation, not left waiting for ever."""
+    deployments, store = runtime
+    deployment_id = await _started(store)
+    await deployments.drive(deployment_id, machine.Started())
+    gate, saving = asyncio.Event(), asyncio.Event()
+    save = store.save_deployment
+
+    async def held_save(*args: Any, **kwargs: Any) -> None:
+        if store.saves >= 1:  # the second batch's save waits at the gate
+            saving.set()
+            await gate.wait()
+        await save(*args, **kwargs)
+
+    store.saves = 0
+    store.save_deployment = held_save  # type: ignore[method-assign]
+    first, second = _votes()[:2]
+    holder = asyncio.create_task(deployments.drive(deployment_id, first))
+    waiter = asyncio.create_task(deployments.drive(deployment_id, second))  # behind it
+    await asyncio.wait_for(saving.wait(), 10)  # the holder applies `second` now
+    holder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 10)  # not a TimeoutError: it was answered
