@@ -32,6 +32,10 @@ CREATE TRIGGER IF NOT EXISTS command_seen AFTER INSERT ON commands BEGIN
     INSERT OR IGNORE INTO seen (id, at)
     VALUES (NEW.id, (julianday('now') - 2440587.5) * 86400.0);
 END;
+CREATE TRIGGER IF NOT EXISTS switch_supersedes AFTER INSERT ON switches BEGIN
+    UPDATE switches SET settled_at = NEW.ts
+    WHERE service = NEW.service AND settled_at IS NULL AND id != NEW.id;
+END;
 """
 ADDED_COLUMNS = {
     "switches": (("settled_at", "REAL"),),

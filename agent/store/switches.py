@@ -81,10 +81,8 @@ class SwitchTable:
         """Record a switch of `current`; its id, to mark when the service settled.
 
         An earlier switch of the service still open is over now (a later step took the
-        service over), so it is settled first."""
-        earlier = self._open.get(service)
-        if earlier is not None:
-            await self.settle_switch(earlier.id)
+        service over): the same statement settles it (trigger `switch_supersedes`), so
+        no crash finds the service with no open switch while `current` moved."""
         now = time.time()
         cursor = await self._db.execute(
             "INSERT INTO switches (ts, service, from_version, to_version, kind, deployment_id)"

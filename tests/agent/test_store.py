@@ -54,6 +54,33 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_a_new_switch_settles_the_open_one_in_the_same_statement(tmp_path: Path) -> None:
+    """Review of issue 9's autocommit store: no crash can come between settling the
+    earlier switch and recording the new one: the INSERT that records a switch settles
+    the open one itself (trigger switch_supersedes), whoever runs it."""
+    store = await Store.open(tmp_path / "agent.db")
+    try:
+        await store.add_switch("demo", None, "1.0.0", "commit", "d1")
+        await store.add_switch("other", None, "1.0.0", "commit", "d1")
+        with contextlib.closing(sqlite3.connect(tmp_path / "agent.db")) as db, db:
+            db.execute(
+                "INSERT INTO switches (ts, service, from_version, to_version, kind,"
+                " deployment_id) VALUES (1, 'demo', '1.0.0', '2.0.0', 'commit', 'd2')"
+            )
+            rows = db.execute("SELECT service, to_version, settled_at IS NULL FROM switches"
+                              " ORDER BY id").fetchall()  # fmt: skip
+        assert rows == [("demo", "1.0.0", 0), ("other", "1.0.0", 1), ("demo", "2.0.0", 1)]
+        second = await store.add_switch("demo", "2.0.0", "3.0.0", "commit", "d3")
+        reopened = await Store.open(tmp_path / "agent.db")  # what a restart finds open
+        try:
+            switching = [await reopened.switching(name) for name in ("demo", "other")]
+            assert [s.id if s else None for s in switching] == [second, 2]
+        finally:
+            await reopened.close()
+    finally:
+        await store.close()
+
+
 async def test_a_database_from_before_rollback_flags_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "agent.db"
     with contextlib.closing(sqlite3.connect(path)) as db:  # the txns table as first shipped
