@@ -81,13 +81,22 @@ def on_inquiry(deployment: Deployment | None, key: Key) -> Literal["commit", "ab
     """What to tell an agent that restarted with `key` prepared and no outcome (SPEC 6.5).
 
     Commit only a participant that was sent its commit; wait (None) while its batch has
-    not come yet; anything else - unknown, aborted, or a deployment that moved on without
-    switching it - is presumed abort, never a commit of an abandoned version.
+    not come yet, or while nothing is decided (its vote may be on its way: an agent that
+    restarts and re-runs its prepare asks at once, and its inquiry can overtake its vote;
+    an abort decision is sent to every participant that was sent a prepare); anything
+    else - unknown, aborted, or a deployment that moved on without switching it - is
+    presumed abort, never a commit of an abandoned version.
     """
     p = deployment.participants.get(key) if deployment is not None else None
-    if p is not None and p.phase in ("committing", "committed"):
+    if p is None or deployment is None:
+        return "abort"
+    if p.phase in ("committing", "committed"):
         return "commit"
-    if p is not None and p.phase == "prepared" and deployment is not None and not deployment.done:
+    if deployment.done:
+        return "abort"
+    if p.phase == "prepared" and deployment.decision != "abort":
+        return None
+    if p.phase == "preparing" and deployment.decision is None:
         return None
     return "abort"
 

@@ -991,6 +991,8 @@ from coordinator.triggers import on_inquiry  # noqa: E402
     ("history", "asker", "answer"),
     [
         (["started", "yes h1"], "h1", None),  # undecided: the decision will come
+        (["started", "yes h1"], "h2", None),  # its vote not counted yet: it may be on its way
+        (["started", "yes h1", "no h2 disk"], "h2", "abort"),
         (["started", "yes h1", "yes h2"], "h1", "commit"),  # its commit was sent
         (["started", "yes h1", "yes h2"], "h2", None),  # decided, its batch not come yet
         (["started", "yes h1", "yes h2", "commit h1 ok"], "h1", "commit"),
