@@ -43,7 +43,9 @@ from shared.errors import UserError
 Emit = Callable[[str | None, str, dict[str, Any]], Awaitable[None]]
 Tell = Callable[[list[str], float], None]
 RETRY_AFTER = 15.0
-"""Seconds before convergence of a host is tried again after an attempt."""
+"""Seconds before the same convergence of a host is tried again after an attempt (a
+host that needs another change since, say one back after a later release, need not
+wait)."""
 SETTLE = 0.5
 """After a hello, the next sweep comes once no other host said hello for this long."""
 
@@ -61,7 +63,8 @@ class Watch:
         self.intake = intake
         self._emit = emit
         self._seen: dict[str, dict[str, str]] = {}
-        self._retry_at: dict[str, float] = {}
+        self._tried: dict[str, tuple[dict[str, str], float]] = {}
+        """Host -> (the change last tried on it, when it may be tried again)."""
         self._reported: set[tuple[str, str, str]] = set()
         self._last_sweep = time.time()
         self._log = log.get("watch")
@@ -114,7 +117,7 @@ class Watch:
         fixes = {a.host_id: await self._drift(a, release, catalog, deployed, a.host_id in hellos)
                  for a in live}  # fmt: skip
         self.liveness.settled(h for h, fix in fixes.items() if not fix and h in hellos)
-        due = {h: fix for h, fix in fixes.items() if fix and now >= self._retry_at.get(h, 0.0)}
+        due = {h: fix for h, fix in fixes.items() if fix and self._may_try(h, fix, now)}
         running = {a.host_id: dict(a.running()) for a in live}
         overwrite = {a.host_id for a in live if a.overwrite}
         busy = await self.intake.held() if due else set()
@@ -165,10 +168,14 @@ class Watch:
         previous, self._seen[host] = self._seen.get(host), drift.fix
         return drift.fix if came_up or previous == drift.fix else {}
 
+    def _may_try(self, host: str, fix: dict[str, str], now: float) -> bool:
+        tried = self._tried.get(host)
+        return tried is None or tried[0] != fix or now >= tried[1]
+
     async def _converge(self, group: convergence.Group, overwrite: set[str], now: float) -> None:
         """One deployment that brings every host of `group` to the current release."""
         for host in group.hosts:
-            self._retry_at[host] = now + RETRY_AFTER
+            self._tried[host] = (group.fix, now + RETRY_AFTER)
         hosts = ", ".join(group.hosts) if len(group.hosts) <= 3 else f"{len(group.hosts)} hosts"
         request = Request(services=group.fix, kind="converge", trigger="converge",
                           hosts=group.hosts, reason=f"converge {hosts} to the current release",

@@ -16,6 +16,7 @@ import pytest
 
 from coordinator import liveness as liveness_module
 from coordinator import views
+from coordinator import watch as watch_module
 from coordinator.liveness import Liveness
 from coordinator.records import AgentRecord
 from coordinator.store import Store
@@ -259,5 +260,27 @@ async def test_a_host_that_never_says_the_period_it_was_told_is_told_once_more_t
         assert not await liveness.beat("old", now + 2, _web("1.0.0"), None)  # left alone
         liveness.hello("old", _web("1.0.0"))  # it restarted (upgraded, perhaps)
         assert await liveness.beat("old", now + 3, _web("1.0.0"), None)
+    finally:
+        await store.close()
+
+
+async def test_only_the_same_convergence_of_a_host_waits_before_it_is_tried_again(
+    tmp_path: Path,
+) -> None:
+    """A host converged moments ago that went down and came back after a later release
+    needs another change: it does not wait out RETRY_AFTER (the converge benchmark's
+    second rack return took 5 s longer for that)."""
+    store, liveness = await _fleet(tmp_path, ["h"])
+
+    async def emit(deployment_id: str | None, event: str, data: dict[str, object]) -> None:
+        pass
+
+    watch = Watch(store, liveness, CoordinatorSettings(), None, emit, lambda h, p: None)  # type: ignore[arg-type]  # no intake: _may_try alone
+    try:
+        now = time.time()
+        watch._tried["h"] = ({"web": "1.0.2"}, now + watch_module.RETRY_AFTER)
+        assert not watch._may_try("h", {"web": "1.0.2"}, now)  # the same change: it waits
+        assert watch._may_try("h", {"web": "1.0.4"}, now)  # another one: at once
+        assert watch._may_try("h", {"web": "1.0.2"}, now + watch_module.RETRY_AFTER)
     finally:
         await store.close()
