@@ -34,9 +34,9 @@ from shared.config import CoordinatorSettings
 from shared.messages import Health, ServiceState
 
 RETELL_AFTER = 60.0
+"""Seconds after which a period told and not confirmed (a lost Ping) is told again."""
 TELLS = 2
 """How many times one period is told to a host that does not say it."""
-"""Seconds after which a period told and not confirmed (a lost Ping) is told again."""
 
 
 @dataclass(frozen=True)
