@@ -114,6 +114,13 @@ class Liveness:
             said = self._records[host].heartbeat_interval
         self._judge(host, said or period)
 
+    def untold(self, host: str, period: float) -> None:
+        """Telling `host` the `period` failed (not sent): it was not told, so it is
+        told at its next heartbeat, which also judges it by what it says again."""
+        told = self._told.get(host)
+        if told is not None and told[0] == period:
+            del self._told[host]
+
     def size(self, agents: int) -> float:
         """The fleet has `agents` live agents: the period it should beat at follows."""
         base = self.settings.heartbeat_interval

@@ -93,6 +93,7 @@ class Reactions:
         )
         for host, result in zip(hosts, results, strict=True):
             if isinstance(result, Unroutable | BrokerUnavailable):  # told again later
+                self.liveness.untold(host, period)
                 self._log.warning("heartbeat.untold", host_id=host, period=period,
                                   error=str(result))  # fmt: skip
             elif isinstance(result, BaseException):

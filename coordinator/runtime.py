@@ -94,7 +94,9 @@ class Deployments:
                     batch, live.pending = live.pending, []
                     live.pending += await self._apply_batch(live, batch)
             except BaseException as e:  # cancelled: nobody is left to apply what waits
-                done.cancel()  # its own: it raises instead
+                if done.done() and not done.cancelled():
+                    done.exception()  # its own outcome, retrieved: it raises instead
+                done.cancel()
                 for _, waiting in batch + live.pending:
                     if waiting is not None and not waiting.done():
                         waiting.set_exception(e)

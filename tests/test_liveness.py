@@ -284,3 +284,20 @@ async def test_only_the_same_convergence_of_a_host_waits_before_it_is_tried_agai
         assert watch._may_try("h", {"web": "1.0.2"}, now + watch_module.RETRY_AFTER)
     finally:
         await store.close()
+
+
+async def test_a_period_that_could_not_be_sent_is_told_at_the_next_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """A Ping the broker refused (unroutable, or the broker away) is no telling: it
+    does not count towards TELLS, and the next heartbeat asks for it again."""
+    store, liveness = await _fleet(tmp_path, ["a"])
+    try:
+        liveness.size(1000)
+        now = time.time()
+        for attempt in range(3):
+            assert await liveness.beat("a", now + attempt, _web("1.0.0"), None), attempt
+            liveness.told("a", 8.0)
+            liveness.untold("a", 8.0)
+    finally:
+        await store.close()
