@@ -153,8 +153,8 @@ class Watch:
         deployed: set[tuple[str, str]], came_up: bool,
     ) -> dict[str, str]:  # fmt: skip
         """What `agent` must be moved to, once the same drift was seen on two sweeps in a
-        row, or at once if it `came_up` since the last deployment ended (reporting, once
-        each, what it runs that lockstep never deployed)."""
+        row, or at once if it `came_up` and still runs what its hello said (reporting,
+        once each, what it runs that lockstep never deployed)."""
         host = agent.host_id
         want = convergence.desired(agent.labels, release, catalog)
         drift = convergence.drift(want, agent.running(), deployed, agent.overwrite)

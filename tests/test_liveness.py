@@ -20,7 +20,7 @@ from coordinator import watch as watch_module
 from coordinator.liveness import Liveness
 from coordinator.records import AgentRecord
 from coordinator.store import Store
-from coordinator.watch import Watch
+from coordinator.watch import Tell, Watch
 from shared.config import CoordinatorSettings
 from shared.messages import ServiceState
 
@@ -38,6 +38,16 @@ async def _fleet(tmp_path: Path, hosts: list[str]) -> tuple[Store, Liveness]:
     with sqlite3.connect(tmp_path / "coordinator.db") as db:  # heard of long ago, if ever
         db.execute("UPDATE agents SET last_seen = 0")
     return store, Liveness(store, CoordinatorSettings())
+
+
+async def _no_events(deployment_id: str | None, event: str, data: dict[str, object]) -> None:
+    pass
+
+
+def _watch(store: Store, liveness: Liveness, tell: Tell) -> Watch:
+    """A watch over `store` with no intake: these tests register no release, so it never
+    converges anything."""
+    return Watch(store, liveness, CoordinatorSettings(), None, _no_events, tell)  # type: ignore[arg-type]
 
 
 def _alive(agents: list[AgentRecord], judged: float) -> dict[str, bool]:
@@ -225,12 +235,8 @@ async def test_a_stalled_sweep_does_not_take_its_silent_fleet_for_a_smaller_one(
 ) -> None:
     store, liveness = await _fleet(tmp_path, ["a"])  # silent for ever (last_seen 0)
     told: list[tuple[list[str], float]] = []
-
-    async def emit(deployment_id: str | None, event: str, data: dict[str, object]) -> None:
-        pass
-
     settings = CoordinatorSettings()
-    watch = Watch(store, liveness, settings, None, emit, lambda hosts, p: told.append((hosts, p)))  # type: ignore[arg-type]  # no intake: no release, nothing converges
+    watch = _watch(store, liveness, lambda hosts, p: told.append((hosts, p)))
     try:
         liveness.size(1000)
         watch._last_sweep = time.time() - 10 * settings.heartbeat_interval  # it was stalled
@@ -271,11 +277,7 @@ async def test_only_the_same_convergence_of_a_host_waits_before_it_is_tried_agai
     needs another change: it does not wait out RETRY_AFTER (the converge benchmark's
     second rack return took 5 s longer for that)."""
     store, liveness = await _fleet(tmp_path, ["h"])
-
-    async def emit(deployment_id: str | None, event: str, data: dict[str, object]) -> None:
-        pass
-
-    watch = Watch(store, liveness, CoordinatorSettings(), None, emit, lambda h, p: None)  # type: ignore[arg-type]  # no intake: _may_try alone
+    watch = _watch(store, liveness, lambda hosts, p: None)
     try:
         now = time.time()
         watch._tried["h"] = ({"web": "1.0.2"}, now + watch_module.RETRY_AFTER)

@@ -67,13 +67,19 @@ class _PingBeforePacing(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _reporter_beat(interval: float) -> Heartbeat:
-    async def states() -> list[ServiceState]:
-        return []
+async def _nothing_runs() -> list[ServiceState]:
+    return []
 
+
+def _reporter() -> Reporter:
+    """A new agent's reporter at heartbeat_interval 2 s (no broker: nothing is sent)."""
     settings = AgentSettings(host_id="new", heartbeat_interval=2.0)
     public = signing.public_text(KEY.public_key())
-    reporter = Reporter(None, "new", {"role": "web"}, public, settings, states)  # type: ignore[arg-type]  # no broker: beat() publishes nothing
+    return Reporter(None, "new", {"role": "web"}, public, settings, _nothing_runs)  # type: ignore[arg-type]
+
+
+def _reporter_beat(interval: float) -> Heartbeat:
+    reporter = _reporter()
     reporter.pace(interval, datetime.now(UTC))
     return reporter.beat([])
 
@@ -101,13 +107,7 @@ def test_a_ping_without_a_period_is_the_ping_older_agents_know_and_signs_the_sam
 
 def test_an_agent_heeds_only_a_ping_newer_than_the_last_it_heeded() -> None:
     """A replayed or overtaken Ping (signed, still fresh) cannot set an older period."""
-
-    async def states() -> list[ServiceState]:
-        return []
-
-    settings = AgentSettings(host_id="new", heartbeat_interval=2.0)
-    reporter = Reporter(None, "new", {}, signing.public_text(KEY.public_key()), settings,
-                        states)  # type: ignore[arg-type]  # fmt: skip
+    reporter = _reporter()
     now = datetime.now(UTC)
     reporter.pace(16.0, now)
     reporter.pace(4.0, now - timedelta(seconds=30))  # told before the 16 s
