@@ -29,7 +29,8 @@ and with quorum queues, it is the floor before the agents start, so that the vho
 never holds 2N queues.
 
 Then, with every agent alive: one deploy of the base version (not measured), the
-coordinator's CPU while the fleet is idle (heartbeats only) over `--idle-seconds`,
+coordinator's CPU while the fleet is idle (heartbeats only) over `--idle-seconds` or two
+heartbeat periods at that N (coordinator.pace), whichever is longer,
 and `--runs` times: a deploy of a new version to every host (`max_parallel` 100%,
 bake 0; from the request to its terminal event on lockstep.events), then a critical
 alert on lockstep.alerts and the automatic rollback it starts (from the alert to that
@@ -174,7 +175,12 @@ def main() -> int:
         help="keep the floor queues up for a floor before each run, or measure it only "
         f"before the agents start; auto: interleaved up to N={INTERLEAVED_MAX}, classic",
     )
-    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=10.0,
+        help="the least idle window; it spans two heartbeat periods at least",
+    )
     parser.add_argument("--deadline", type=float, default=180.0, help="per deploy/rollback")
     parser.add_argument("--alive-timeout", type=float, default=300.0)
     parser.add_argument("--coordinator-src", type=Path, help="run the coordinator from this tree")

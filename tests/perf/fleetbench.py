@@ -23,8 +23,9 @@ from typing import Any
 
 import aio_pika
 
+from coordinator import pace
 from shared import signing, topology
-from shared.config import BrokerSettings
+from shared.config import BrokerSettings, CoordinatorSettings
 from shared.errors import LockstepError
 from shared.messages import DeployRequest, QueryRequest, RegisterRequest, Reply
 from shared.specs import HealthSpec, ServiceVersion, Strategy
@@ -213,15 +214,17 @@ class Bench:
             if self.args.profile else None
         )  # fmt: skip
         cpu, started = procstat.cpu_seconds(self.pid), time.monotonic()
+        window = idle_window(self.n, self.args.idle_seconds)
+        self.row["idle_window_s"] = window
         try:
-            await asyncio.sleep(self.args.idle_seconds)  # the measurement window itself
+            await asyncio.sleep(window)  # the measurement window itself
             used = procstat.cpu_seconds(self.pid) - cpu
         finally:
             if profiler is not None:
                 self.ws.stop_profile(profiler)
         self.row["idle_cpu_pct"] = round(100 * used / (time.monotonic() - started), 1)
         self.row["load_idle"] = procstat.load()
-        self.say(f"idle: {self.row['idle_cpu_pct']} % of a core")
+        self.say(f"idle: {self.row['idle_cpu_pct']} % of a core over {window:.0f} s")
 
     async def deploy(self, target: str) -> tuple[str, float, float]:
         """(final state, seconds from request to terminal event, coordinator CPU s)."""
@@ -331,3 +334,14 @@ class Bench:
 def _median(values: list[Any], digits: int = 2) -> float | None:
     found = [v for v in values if v is not None]
     return round(statistics.median(found), digits) if found else None
+
+
+def idle_window(agents: int, least: float) -> float:
+    """Seconds to measure the idle coordinator: at least `least`, and two whole periods
+    of the fleet's heartbeats (coordinator.pace at the default settings: 16 s at 2,000
+    agents), so that the window holds every agent's beats and not a fraction of a
+    period, whose count depends on where in the period it falls."""
+    settings = CoordinatorSettings()
+    beat = pace.period(agents, settings.heartbeat_interval,
+                       settings.max_heartbeats_per_second, settings.heartbeat_interval)  # fmt: skip
+    return max(least, 2 * beat)
