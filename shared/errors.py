@@ -5,7 +5,8 @@
 - `ProtocolError` (and `DecodeError`): a message we must not act on. The consumer
   dead-letters it with the reason and keeps running.
 - `TransientError` (and `BrokerUnavailable`): may succeed if retried with backoff;
-  the CLI turns an unreachable coordinator or broker into exit code 3.
+  the CLI turns an unreachable coordinator or broker into exit code 3. `Fenced` (a
+  former leader's write refused) requeues the delivery for the active coordinator.
 - `PermanentError`: a step that failed for good (a download, a health check); the
   protocol records it and reacts (NO vote, compensation).
 
@@ -64,8 +65,25 @@ class BrokerUnavailable(TransientError):
     """RabbitMQ could not be reached or dropped the connection."""
 
 
+class StoreUnavailable(TransientError):
+    """The coordinator's database could not be reached, or dropped the connection."""
+
+
 class CoordinatorTimeout(TransientError):
     """The coordinator did not answer a request before its deadline (exit code 3)."""
+
+
+class Fenced(TransientError):
+    """A coordinator's write refused: the lease moved past its epoch (issue 10).
+
+    It is no longer the active coordinator: the transaction was rolled back, the
+    delivery it was handling is requeued for the new one, and it steps down.
+    """
+
+    def __init__(self, epoch: int, held: int | None) -> None:
+        super().__init__(f"fenced: this coordinator's epoch {epoch} is past (now {held})")
+        self.epoch = epoch
+        self.held = held
 
 
 class PermanentError(LockstepError):

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared import log, signing
 from shared.config import BrokerSettings
 from shared.transport import Broker
+from tests.support import postgres
 from tests.support.procs import Procs
 from tests.support.rabbit import vhost
 
@@ -53,6 +54,26 @@ async def broker(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator
     await b.declare()
     yield b
     await b.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A PostgreSQL database of this test session's own, dropped at its end."""
+    with postgres.session_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str | Path]:
+    """Where a coordinator store lives, once per backend: a SQLite file, then a schema
+    of this test's own in the session's PostgreSQL database (issue 10: every store test
+    runs against both)."""
+    if request.param == "sqlite":
+        yield tmp_path / "coordinator.db"
+        return
+    database = request.getfixturevalue("postgres_database")
+    async with postgres.schema(database, _label(request)) as url:
+        yield url
 
 
 @pytest.fixture

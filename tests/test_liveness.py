@@ -8,7 +8,6 @@ host (or a silent fleet) is still judged at the wall clock.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from coordinator.store import Store
 from coordinator.watch import Tell, Watch
 from shared.config import CoordinatorSettings
 from shared.messages import ServiceState
+from tests.support.stores import behind
 
 LOST_AFTER = 6.0
 
@@ -31,12 +31,11 @@ def _web(version: str) -> list[ServiceState]:
     return [ServiceState(service="web", version=version, health="healthy")]
 
 
-async def _fleet(tmp_path: Path, hosts: list[str]) -> tuple[Store, Liveness]:
-    store = await Store.open(tmp_path / "coordinator.db")
+async def _fleet(store_at: str | Path, hosts: list[str]) -> tuple[Store, Liveness]:
+    store = await Store.open(store_at)
     for host in hosts:
         await store.enroll(host, f"key-{host}", {}, "approved")
-    with sqlite3.connect(tmp_path / "coordinator.db") as db:  # heard of long ago, if ever
-        db.execute("UPDATE agents SET last_seen = 0")
+    await behind(store_at, "UPDATE agents SET last_seen = 0")  # heard of long ago, if ever
     return store, Liveness(store, CoordinatorSettings())
 
 
@@ -54,8 +53,10 @@ def _alive(agents: list[AgentRecord], judged: float) -> dict[str, bool]:
     return {a.host_id: views.alive(a.last_seen, judged, LOST_AFTER) for a in agents}
 
 
-async def test_a_backlog_handled_late_does_not_make_live_hosts_look_lost(tmp_path: Path) -> None:
-    store, liveness = await _fleet(tmp_path, ["a", "b"])
+async def test_a_backlog_handled_late_does_not_make_live_hosts_look_lost(
+    store_at: str | Path,
+) -> None:
+    store, liveness = await _fleet(store_at, ["a", "b"])
     try:
         sent = time.time() - 10  # handled 10 s after it was sent: the coordinator was busy
         for host in ("a", "b"):
@@ -70,9 +71,9 @@ async def test_a_backlog_handled_late_does_not_make_live_hosts_look_lost(tmp_pat
 
 
 async def test_a_dead_hosts_old_heartbeat_in_the_backlog_does_not_revive_it(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["live", "dead"])
+    store, liveness = await _fleet(store_at, ["live", "dead"])
     try:
         await liveness.beat("dead", time.time() - 20, _web("1.0.0"), None)
         await liveness.beat("live", time.time(), _web("1.0.0"), None)
@@ -83,8 +84,8 @@ async def test_a_dead_hosts_old_heartbeat_in_the_backlog_does_not_revive_it(
         await store.close()
 
 
-async def test_a_silent_fleet_is_judged_at_the_wall_clock(tmp_path: Path) -> None:
-    store, liveness = await _fleet(tmp_path, ["a"])
+async def test_a_silent_fleet_is_judged_at_the_wall_clock(store_at: str | Path) -> None:
+    store, liveness = await _fleet(store_at, ["a"])
     try:
         await liveness.beat("a", time.time() - 10, _web("1.0.0"), None)
         await liveness.flush()
@@ -97,9 +98,9 @@ async def test_a_silent_fleet_is_judged_at_the_wall_clock(tmp_path: Path) -> Non
 
 
 async def test_views_and_last_seen_are_kept_in_memory_and_written_in_one_flush(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["a"])
+    store, liveness = await _fleet(store_at, ["a"])
     try:
         now = time.time()
         await liveness.beat("a", now - 2, _web("1.0.0"), {"role": "web"})
@@ -120,9 +121,9 @@ async def test_views_and_last_seen_are_kept_in_memory_and_written_in_one_flush(
 
 
 async def test_a_step_result_for_a_host_not_yet_in_memory_is_left_to_the_store(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["a"])
+    store, liveness = await _fleet(store_at, ["a"])
     try:
         assert not liveness.step("a", "web", "2.0.0", "healthy", time.time())
     finally:
@@ -130,9 +131,9 @@ async def test_a_step_result_for_a_host_not_yet_in_memory_is_left_to_the_store(
 
 
 async def test_a_host_is_judged_by_the_period_it_beats_at_and_that_survives_a_restart(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["slow", "fast"])
+    store, liveness = await _fleet(store_at, ["slow", "fast"])
     settings = CoordinatorSettings()
     try:
         sent = time.time() - 30  # 30 s of silence since
@@ -151,9 +152,9 @@ async def test_a_host_is_judged_by_the_period_it_beats_at_and_that_survives_a_re
 
 
 async def test_a_large_fleet_is_told_a_longer_period_once_and_judged_by_it_until_it_says_it(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["a"])
+    store, liveness = await _fleet(store_at, ["a"])
     try:
         now = time.time()
         assert not await liveness.beat("a", now, _web("1.0.0"), None, 2.0)  # not sized yet
@@ -175,13 +176,12 @@ async def test_a_large_fleet_is_told_a_longer_period_once_and_judged_by_it_until
 
 
 async def test_a_sweep_reads_the_agents_from_the_store_only_after_the_store_changed_them(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["a", "b"])
+    store, liveness = await _fleet(store_at, ["a", "b"])
     try:
         assert [a.labels for a in await liveness.agents()] == [{}, {}]
-        with sqlite3.connect(tmp_path / "coordinator.db") as db:  # behind the store's back
-            db.execute("""UPDATE agents SET labels = '{"role": "db"}'""")
+        await behind(store_at, """UPDATE agents SET labels = '{"role": "db"}'""")
         now = time.time()
         await liveness.beat("a", now, _web("2.0.0"), None)  # news in memory: laid over
         agents = {a.host_id: a for a in await liveness.agents()}
@@ -197,9 +197,9 @@ async def test_a_sweep_reads_the_agents_from_the_store_only_after_the_store_chan
 
 
 async def test_after_a_restart_a_host_told_a_shorter_period_is_judged_by_the_one_it_beats_at(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["a"])
+    store, liveness = await _fleet(store_at, ["a"])
     try:
         await liveness.beat("a", time.time(), _web("1.0.0"), None, 16.0)
         await liveness.flush()
@@ -213,9 +213,9 @@ async def test_after_a_restart_a_host_told_a_shorter_period_is_judged_by_the_one
 
 
 async def test_a_host_that_came_up_counts_as_such_only_while_it_runs_what_its_hello_said(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["a", "b"])
+    store, liveness = await _fleet(store_at, ["a", "b"])
     try:
         for host in ("a", "b"):
             await store.agent_seen(host, [s.model_dump() for s in _web("1.0.0")], {}, time.time())
@@ -231,9 +231,9 @@ async def test_a_host_that_came_up_counts_as_such_only_while_it_runs_what_its_he
 
 
 async def test_a_stalled_sweep_does_not_take_its_silent_fleet_for_a_smaller_one(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store, liveness = await _fleet(tmp_path, ["a"])  # silent for ever (last_seen 0)
+    store, liveness = await _fleet(store_at, ["a"])  # silent for ever (last_seen 0)
     told: list[tuple[list[str], float]] = []
     settings = CoordinatorSettings()
     watch = _watch(store, liveness, lambda hosts, p: told.append((hosts, p)))
@@ -250,12 +250,12 @@ async def test_a_stalled_sweep_does_not_take_its_silent_fleet_for_a_smaller_one(
 
 
 async def test_a_host_that_never_says_the_period_it_was_told_is_told_once_more_then_left(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_at: str | Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An agent older than the Ping's period refuses it: told again after RETELL_AFTER
     (here at once), in case the Ping was lost, and then no more until it says hello."""
     monkeypatch.setattr(liveness_module, "RETELL_AFTER", -1.0)
-    store, liveness = await _fleet(tmp_path, ["old"])
+    store, liveness = await _fleet(store_at, ["old"])
     try:
         liveness.size(1000)
         now = time.time()
@@ -271,12 +271,12 @@ async def test_a_host_that_never_says_the_period_it_was_told_is_told_once_more_t
 
 
 async def test_only_the_same_convergence_of_a_host_waits_before_it_is_tried_again(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
     """A host converged moments ago that went down and came back after a later release
     needs another change: it does not wait out RETRY_AFTER (the converge benchmark's
     second rack return took 5 s longer for that)."""
-    store, liveness = await _fleet(tmp_path, ["h"])
+    store, liveness = await _fleet(store_at, ["h"])
     watch = _watch(store, liveness, lambda hosts, p: None)
     try:
         now = time.time()
@@ -289,11 +289,11 @@ async def test_only_the_same_convergence_of_a_host_waits_before_it_is_tried_agai
 
 
 async def test_a_period_that_could_not_be_sent_is_told_at_the_next_heartbeat(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
     """A Ping the broker refused (unroutable, or the broker away) is no telling: it
     does not count towards TELLS, and the next heartbeat asks for it again."""
-    store, liveness = await _fleet(tmp_path, ["a"])
+    store, liveness = await _fleet(store_at, ["a"])
     try:
         liveness.size(1000)
         now = time.time()

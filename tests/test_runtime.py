@@ -46,9 +46,9 @@ class Bogus:
 
 @pytest.fixture
 async def runtime(
-    tmp_path: Path, amqp_url: str, coordinator_key: Ed25519PrivateKey
+    store_at: str | Path, amqp_url: str, coordinator_key: Ed25519PrivateKey
 ) -> AsyncIterator[tuple[Deployments, CountingStore]]:
-    store = await CountingStore.open(tmp_path / "coordinator.db")
+    store = await CountingStore.open(store_at)
     broker = Broker(BrokerSettings(amqp_url=amqp_url), "test:runtime",
                     signer=signing.Signer(coordinator_key))  # fmt: skip
     await broker.connect()

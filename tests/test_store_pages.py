@@ -26,9 +26,9 @@ async def _queue(store: Store, count: int) -> list[str]:
 
 
 async def test_every_in_flight_and_queued_deployment_is_seen_past_a_hundred(
-    tmp_path: Path,
+    store_at: str | Path,
 ) -> None:
-    store = await Store.open(tmp_path / "coordinator.db")
+    store = await Store.open(store_at)
     try:
         ids = await _queue(store, 250)
         assert {r.id for r in await store.in_flight()} == set(ids)
@@ -36,8 +36,8 @@ async def test_every_in_flight_and_queued_deployment_is_seen_past_a_hundred(
         await store.close()
 
 
-async def test_history_pages_through_everything_with_limit_and_before(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "coordinator.db")
+async def test_history_pages_through_everything_with_limit_and_before(store_at: str | Path) -> None:
+    store = await Store.open(store_at)
     try:
         ids = await _queue(store, 25)
         seen: list[str] = []

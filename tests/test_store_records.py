@@ -16,8 +16,8 @@ from coordinator.store import Store
 from shared.specs import Strategy
 
 
-async def test_an_agents_services_come_back_as_they_were_reported(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "coordinator.db")
+async def test_an_agents_services_come_back_as_they_were_reported(store_at: str | Path) -> None:
+    store = await Store.open(store_at)
     try:
         reported = [{"service": "orders", "version": "1.0.0", "health": "healthy", "pid": 41},
                     {"service": "payments", "version": None, "health": "stopped", "pid": None}]  # fmt: skip
@@ -32,7 +32,9 @@ async def test_an_agents_services_come_back_as_they_were_reported(tmp_path: Path
             reported[0],
             {"service": "payments", "version": "2.0.0", "health": "healthy"},
         ]
-        doc = views.agents([agent], now=agent.last_seen, lost_after=lambda _: 6.0, heard={})["agents"][0]
+        doc = views.agents([agent], now=agent.last_seen, lost_after=lambda _: 6.0, heard={})[
+            "agents"
+        ][0]
         assert (doc["host_id"], doc["labels"], doc["state"], doc["key_state"]) == (
             "h1", {"role": "web"}, "alive", "approved",
         )  # fmt: skip
@@ -40,8 +42,10 @@ async def test_an_agents_services_come_back_as_they_were_reported(tmp_path: Path
         await store.close()
 
 
-async def test_a_completed_deployment_makes_its_release_good_and_current(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "coordinator.db")
+async def test_a_completed_deployment_makes_its_release_good_and_current(
+    store_at: str | Path,
+) -> None:
+    store = await Store.open(store_at)
     try:
         queued = machine.queued("d1", Strategy())
         await store.queue_deployment(

@@ -45,8 +45,8 @@ class AgentTable(Table):
             "services = CASE WHEN excluded.reported_at >= agents.reported_at "
             "THEN excluded.services ELSE agents.services END, "
             "reported_at = MAX(agents.reported_at, excluded.reported_at)",
-            (host_id, json.dumps(labels or {}), json.dumps(services), now, now, sent_at),
-        )
+            host_id, json.dumps(labels or {}), json.dumps(services), now, now, sent_at,
+        )  # fmt: skip
         await self._db.commit()
         self.agents_changed += 1
         return not rows
@@ -65,7 +65,9 @@ class AgentTable(Table):
             services.append({"service": service, "version": version, "health": health})
         await self._db.execute(
             "UPDATE agents SET services = ?, reported_at = ? WHERE host_id = ?",
-            (json.dumps(sorted(services, key=lambda s: s["service"])), sent_at, host_id),
+            json.dumps(sorted(services, key=lambda s: s["service"])),
+            sent_at,
+            host_id,
         )
         await self._db.commit()
         self.agents_changed += 1
@@ -131,34 +133,34 @@ class AgentTable(Table):
             " key_state) VALUES (?, ?, '[]', ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET"
             " public_key = excluded.public_key, key_state = excluded.key_state"
             " WHERE agents.public_key = ''",
-            (host_id, json.dumps(labels), now, now, public_key, key_state),
-        )
+            host_id, json.dumps(labels), now, now, public_key, key_state,
+        )  # fmt: skip
         await self._db.commit()
         self.agents_changed += 1
 
     async def set_key_state(self, host_id: str, key_state: str) -> None:
         await self._db.execute(
-            "UPDATE agents SET key_state = ? WHERE host_id = ?", (key_state, host_id)
+            "UPDATE agents SET key_state = ? WHERE host_id = ?", key_state, host_id
         )
         await self._db.commit()
         self.agents_changed += 1
 
     async def remove_agent(self, host_id: str) -> bool:
         """Forget a host and its key (it may enroll again, with a new key); False if unknown."""
-        cursor = await self._db.execute("DELETE FROM agents WHERE host_id = ?", (host_id,))
+        removed = await self._db.execute("DELETE FROM agents WHERE host_id = ?", host_id)
         await self._db.commit()
         self.agents_changed += 1
-        return cursor.rowcount > 0
+        return removed > 0
 
     async def set_agent(
         self, host_id: str, *, state: str | None = None, overwrite: bool | None = None
     ) -> bool:
         """Update an agent's liveness state or overwrite flag; False if the host is unknown."""
-        cursor = await self._db.execute(
+        changed = await self._db.execute(
             "UPDATE agents SET state = COALESCE(?, state), overwrite = COALESCE(?, overwrite) "
             "WHERE host_id = ?",
-            (state, None if overwrite is None else int(overwrite), host_id),
-        )
+            state, None if overwrite is None else int(overwrite), host_id,
+        )  # fmt: skip
         await self._db.commit()
         self.agents_changed += 1
-        return cursor.rowcount > 0
+        return changed > 0

@@ -53,7 +53,8 @@ class CatalogTable(Table):
                 )
         now = time.time()
         await self._db.executemany(
-            "INSERT INTO catalog VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO catalog (name, version, spec, digest, registered_at)"
+            " VALUES (?, ?, ?, ?, ?)",
             [(s.name, s.version, s.model_dump_json(), digest(s), now) for s in new],
         )
         await self._db.commit()
@@ -87,19 +88,19 @@ class CatalogTable(Table):
 
     async def _add_release(self, services: dict[str, str], state: str, deployment_id: str) -> int:
         """A new numbered release (inside the caller's transaction)."""
-        cursor = await self._db.execute(
-            "INSERT INTO releases (services, state, created_at, deployment_id) VALUES (?, ?, ?, ?)",
-            (json.dumps(services, sort_keys=True), state, time.time(), deployment_id),
-        )
-        return int(cursor.lastrowid or 0)
+        return await self._db.insert(
+            "INSERT INTO releases (services, state, created_at, deployment_id) VALUES (?, ?, ?, ?)"
+            " RETURNING id",
+            json.dumps(services, sort_keys=True), state, time.time(), deployment_id,
+        )  # fmt: skip
 
     async def _set_release_state(self, release_id: int, state: str) -> None:
-        await self._db.execute("UPDATE releases SET state = ? WHERE id = ?", (state, release_id))
+        await self._db.execute("UPDATE releases SET state = ? WHERE id = ?", state, release_id)
 
     async def _set_fleet(self, release_id: int) -> None:
         """Point the fleet at `release_id` (inside the caller's transaction)."""
         await self._db.execute(
-            "INSERT INTO fleet VALUES ('current_release_id', ?) "
+            "INSERT INTO fleet (key, value) VALUES ('current_release_id', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (str(release_id),),
+            str(release_id),
         )

@@ -14,12 +14,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import aiosqlite
-
 from coordinator import outcome
 from coordinator.deployment import TERMINAL, Deployment, Participant, from_dict, header_json
 from coordinator.records import DeploymentRecord
 from coordinator.store.catalog import CatalogTable
+from coordinator.store.db import Row
 from coordinator.store.events import EventLog
 
 
@@ -41,16 +40,16 @@ class DeploymentTable(CatalogTable, EventLog):
         await self._db.execute(
             "UPDATE deployments SET machine = ?, state = ?, reason = ?, ended_at = ?, "
             "trigger = CASE WHEN ? != '' THEN ? ELSE trigger END WHERE id = ?",
-            (_header(machine), phase, machine.reason, ended, machine.cause, machine.cause,
-             machine.id),
+            _header(machine), phase, machine.reason, ended, machine.cause, machine.cause,
+            machine.id,
         )  # fmt: skip
         await self._write_participants(machine, changed)
         await self._db.executemany(
-            "INSERT OR IGNORE INTO timers VALUES (?, ?, ?)",
+            "INSERT OR IGNORE INTO timers (deployment_id, token, due_at) VALUES (?, ?, ?)",
             [(machine.id, token, due) for token, due in (timers or {}).items()],
         )
         if ended is not None:
-            await self._db.execute("DELETE FROM timers WHERE deployment_id = ?", (machine.id,))
+            await self._db.execute("DELETE FROM timers WHERE deployment_id = ?", machine.id)
             await self._finish_release(machine.id, phase)
         await self._add_events(machine.id, events)
         await self._db.commit()
@@ -60,14 +59,15 @@ class DeploymentTable(CatalogTable, EventLog):
     ) -> None:
         rows = machine.participants.values() if changed is None else changed
         await self._db.executemany(
-            "INSERT INTO participants VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(deployment_id,"
-            " host, service) DO UPDATE SET phase = excluded.phase, reason = excluded.reason",
+            "INSERT INTO participants (deployment_id, host, service, version, from_version,"
+            " phase, reason) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(deployment_id, host,"
+            " service) DO UPDATE SET phase = excluded.phase, reason = excluded.reason",
             [(machine.id, p.host, p.service, p.version, p.from_version, p.phase, p.reason)
              for p in rows],
         )  # fmt: skip
 
     async def _records(
-        self, rows: list[aiosqlite.Row], *, participants: bool = True
+        self, rows: list[Row], *, participants: bool = True
     ) -> list[DeploymentRecord]:
         """The deployments of `rows`, each machine with its participants read from their
         rows (a deployment stored before participants had rows keeps the ones in its
@@ -87,7 +87,7 @@ class DeploymentTable(CatalogTable, EventLog):
             })  # fmt: skip
         return [_deployment(r, by_deployment.get(r["id"])) for r in rows]
 
-    async def _record(self, rows: list[aiosqlite.Row]) -> DeploymentRecord | None:
+    async def _record(self, rows: list[Row]) -> DeploymentRecord | None:
         return (await self._records(rows[:1]))[0] if rows else None
 
     async def _finish_release(self, deployment_id: str, phase: str) -> None:
@@ -112,7 +112,7 @@ class DeploymentTable(CatalogTable, EventLog):
             if merged is not None:
                 fleet_to = await self._add_release(merged, "good", deployment_id)
                 await self._db.execute(
-                    "UPDATE deployments SET release_id = ? WHERE id = ?", (fleet_to, deployment_id)
+                    "UPDATE deployments SET release_id = ? WHERE id = ?", fleet_to, deployment_id
                 )
         await self._set_fleet(fleet_to)
         if decided.marks_bad is not None:
@@ -136,17 +136,15 @@ class DeploymentTable(CatalogTable, EventLog):
             "INSERT INTO deployments (id, request_id, trigger, state, services, plan, machine, "
             "started_at, kind, new_release, requested_by) "
             "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?)",
-            (
-                deployment_id,
-                request_id,
-                trigger,
-                json.dumps(target, sort_keys=True),
-                json.dumps({"request": request, "locks": locks}),
-                _header(machine),
-                time.time(),
-                kind,
-                requested_by,
-            ),
+            deployment_id,
+            request_id,
+            trigger,
+            json.dumps(target, sort_keys=True),
+            json.dumps({"request": request, "locks": locks}),
+            _header(machine),
+            time.time(),
+            kind,
+            requested_by,
         )
         await self._db.commit()
 
@@ -169,16 +167,14 @@ class DeploymentTable(CatalogTable, EventLog):
         await self._db.execute(
             "UPDATE deployments SET release_id = ?, from_release_id = ?, state = ?, services = ?, "
             "plan = ?, machine = ?, new_release = ? WHERE id = ?",
-            (
-                release_id,
-                from_release_id,
-                machine.phase,
-                json.dumps(target, sort_keys=True),
-                json.dumps(stored),
-                _header(machine),
-                int(new_release),
-                deployment_id,
-            ),
+            release_id,
+            from_release_id,
+            machine.phase,
+            json.dumps(target, sort_keys=True),
+            json.dumps(stored),
+            _header(machine),
+            int(new_release),
+            deployment_id,
         )
         await self._write_participants(machine, None)
         await self._add_events(deployment_id, [(f"deployment.{machine.phase}", {})])
@@ -245,7 +241,7 @@ def _header(machine: Deployment) -> str:
     return header_json(machine)
 
 
-def _deployment(row: aiosqlite.Row, participants: list[dict[str, Any]] | None) -> DeploymentRecord:
+def _deployment(row: Row, participants: list[dict[str, Any]] | None) -> DeploymentRecord:
     machine = json.loads(row["machine"])
     if participants is not None or "participants" not in machine:
         machine["participants"] = participants or []

@@ -1,0 +1,171 @@
+"""The store's one connection to its database, SQLite or PostgreSQL, behind one interface.
+
+`coordinator.store.Store.open` calls `open_db` with `--db`: a path (SQLite through
+aiosqlite, the embedded default) or a `postgresql://` URL (asyncpg, the extra
+`lockstep[postgres]`, which standby coordinators share; `coordinator.store.postgres`).
+The tables' SQL is written once, in SQLite's dialect with `?` placeholders;
+`coordinator.store.postgres` translates the few spellings PostgreSQL has its own
+words for.
+
+Both behave like Python's sqlite3: a write opens a transaction, `commit` ends it, and
+a statement that fails rolls back the whole transaction it was part of, so a caller's
+half-written transaction can never be committed by whoever commits next (PostgreSQL
+refuses anything after a failed statement anyway). Both are used by many coroutines
+at once, each call whole: the calls of one transaction must not be interleaved with
+another's writes, which the store's methods honour by committing before they yield
+to anything but the database.
+
+Fencing (SPEC 5, issue 10): once a coordinator holds the lease (`coordinator.lease`)
+its epoch is set here (`fence`), and every commit first checks, inside the same
+transaction, that the lease still carries that epoch. A stalled former leader whose
+lease was taken over finds its transaction rolled back and `Fenced` raised: none of
+its writes land, and it sends nothing that depends on them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+
+from shared.errors import Fenced
+
+
+class Row(Protocol):
+    """A result row, read by column name (sqlite3.Row, asyncpg.Record)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+class Db(abc.ABC):
+    """One database connection: statements, transactions, and the fence on commit."""
+
+    dialect: str
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        """The lease epoch every commit is conditional on (None: not fenced)."""
+
+    def fence(self, epoch: int | None) -> None:
+        self.epoch = epoch
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; the number of rows it changed."""
+
+    @abc.abstractmethod
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def insert(self, sql: str, *args: Any) -> int:
+        """Run an INSERT that ends `RETURNING id`; the new row's id."""
+        rows = await self.fetch(sql, *args)
+        return int(rows[0]["id"])
+
+    async def commit(self) -> None:
+        """End the open transaction, if any: refused (`Fenced`, rolled back) when the
+        lease moved past `epoch`."""
+        if not self.in_transaction:
+            return
+        if self.epoch is not None:
+            rows = await self.fetch(self.fence_sql)
+            held = rows[0]["epoch"] if rows else None
+            if held != self.epoch:
+                await self.rollback()
+                raise Fenced(self.epoch, held)
+        await self._commit()
+
+    fence_sql = "SELECT epoch FROM lease WHERE name = 'coordinator'"
+
+    @property
+    @abc.abstractmethod
+    def in_transaction(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def _commit(self) -> None: ...
+
+    @abc.abstractmethod
+    async def rollback(self) -> None: ...
+
+    @abc.abstractmethod
+    async def lock_schema(self) -> None:
+        """Open a transaction that holds the schema alone until it ends (migrations)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class SqliteDb(Db):
+    """aiosqlite: WAL, `synchronous=FULL` (a saved decision survives a power cut)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        super().__init__()
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteDb:
+        db = await aiosqlite.connect(path)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")  # a standby on the same file
+        return cls(db)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        try:
+            return list(await self._db.execute_fetchall(sql, args))
+        except Exception:
+            await self.rollback()
+            raise
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        try:
+            cursor = await self._db.execute(sql, args)
+        except Exception:
+            await self.rollback()
+            raise
+        return cursor.rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            await self._db.executemany(sql, rows)
+        except Exception:
+            await self.rollback()
+            raise
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    async def _commit(self) -> None:
+        await self._db.commit()
+
+    async def rollback(self) -> None:
+        await self._db.rollback()
+
+    async def lock_schema(self) -> None:
+        await self.execute("BEGIN IMMEDIATE")
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+def is_url(where: str | Path) -> bool:
+    """Whether `--db` names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(where, str) and where.startswith(("postgresql://", "postgres://"))
+
+
+async def open_db(where: str | Path) -> Db:
+    """The database `where` names: a `postgresql://` URL, else a SQLite file's path."""
+    if is_url(where):
+        from coordinator.store import postgres  # asyncpg: only with lockstep[postgres]
+
+        return await postgres.PostgresDb.open(str(where))
+    return await SqliteDb.open(Path(where))
