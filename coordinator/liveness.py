@@ -52,6 +52,8 @@ class Liveness:
     def __init__(self, store: Store, settings: CoordinatorSettings) -> None:
         self.store = store
         self.settings = settings
+        self.since = time.time()
+        """When this coordinator began listening (see `_presumed`)."""
         self.period: float | None = None
         """The period the fleet should beat at (None until the first sweep sized it)."""
         self._interval: dict[str, float] = {}
@@ -248,7 +250,7 @@ class Liveness:
 
     def _newest(self, agent: AgentRecord) -> AgentRecord:
         host = agent.host_id
-        seen = max(agent.last_seen, self._seen.get(host, 0.0))
+        seen = max(agent.last_seen, self._seen.get(host, self._presumed(agent)))
         interval = self._interval.get(host, agent.heartbeat_interval)
         view = self._views.get(host)  # never older than the store's (see forget)
         if view is None:
@@ -258,6 +260,13 @@ class Liveness:
         labels = agent.labels if view.labels is None else view.labels
         return replace(agent, last_seen=seen, services=view.services, labels=labels,
                        heartbeat_interval=interval)  # fmt: skip
+
+    def _presumed(self, agent: AgentRecord) -> float:
+        """When a host not heard from since this coordinator began listening counts as
+        last seen: then, if it was alive when the store last heard of it (a restart or
+        a standby's takeover is this coordinator's silence, not the host's: a host is
+        lost only after a full period of listening), else never."""
+        return self.since if agent.state == "alive" else 0.0
 
 
 def _same(known: View, view: View) -> bool:

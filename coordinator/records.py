@@ -103,3 +103,25 @@ class Registered:
     name: str
     version: str
     result: Literal["added", "unchanged"]
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """Who holds the coordinators' lease (coordinator.lease), as the store's clock sees it."""
+
+    epoch: int
+    """Taken +1 by every takeover; every write of the holder is conditional on it."""
+    holder: str
+    """The holding process's id (unique per start), "" before anyone held it."""
+    host: str
+    pid: int
+    since: float
+    """When the holder took it (the store's clock, Unix time)."""
+    expires_at: float
+    now: float
+    """The store's clock when this was read."""
+
+    @property
+    def active(self) -> bool:
+        """Whether a coordinator holds it now (it was taken and has not expired)."""
+        return bool(self.holder) and self.expires_at > self.now

@@ -74,7 +74,7 @@ class Requests:
             release_id, services = await self.store.current_release()
             return views.status(
                 release_id, services, await self.store.in_flight(),
-                await self.liveness.agents(), now, self.lost_after,
+                await self.liveness.agents(), now, self.lost_after, await self.store.lease(),
             )  # fmt: skip
         if asked.what == "history":
             page = await self.store.deployments(limit=asked.limit, before=asked.before)

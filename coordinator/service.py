@@ -9,11 +9,19 @@ allow-list, and who asked is recorded. Then the kind's handler runs: requests in
 advance only through the runtime (`coordinator.runtime.Deployments.drive`), which
 applies the pure state machine, saves the result and then sends the commands: the
 store always knows at least as much as any agent was told.
+
+Only the active coordinator runs (`coordinator.leadership`): `serve` waits as a
+standby until this process holds the lease, then starts one with every commit fenced
+by the lease's epoch and every publish confirmed by the lease, and stops it when the
+lease is lost (and waits again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import socket
 from collections.abc import Awaitable, Callable
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +32,7 @@ from coordinator import machine, trust
 from coordinator.announce import Announcer
 from coordinator.enrollment import Enrollment, Policy
 from coordinator.intake import Intake
+from coordinator.leadership import Leadership
 from coordinator.liveness import Liveness
 from coordinator.reactions import Reactions
 from coordinator.requests import Requests
@@ -66,13 +75,19 @@ Handler = Callable[[Delivery], Awaitable[Body | None]]
 
 class Coordinator:
     def __init__(
-        self, db: Path, broker: BrokerSettings, settings: CoordinatorSettings,
+        self, db: str | Path, broker: BrokerSettings, settings: CoordinatorSettings,
         key: Ed25519PrivateKey, policy: Policy | None = None,
+        leadership: Leadership | None = None,
     ) -> None:  # fmt: skip
+        """`db`: a SQLite file or a `postgresql://` URL. `leadership`: the lease this
+        process holds (None: it acts unfenced, as tests that run one alone do)."""
         self.db_path = db
         self.settings = settings
         self.policy = policy or Policy()
-        self.broker = Broker(broker, f"coordinator:{db.name}", signer=signing.Signer(key))
+        self.leadership = leadership
+        gate = leadership.confirm if leadership is not None else None
+        name = f"coordinator:{socket.gethostname()}:{os.getpid()}"
+        self.broker = Broker(broker, name, signer=signing.Signer(key), gate=gate)
         self._queue_type = broker.agent_queue_type
         self._tasks = TaskGroup("coordinator")
         self._log = log.get("coordinator")
@@ -87,6 +102,8 @@ class Coordinator:
 
     async def start(self) -> None:
         self.store = await Store.open(self.db_path)
+        if self.leadership is not None and self.leadership.epoch is not None:
+            self.store.fence(self.leadership.epoch, self.leadership.fenced)
         announce = Announcer(self.store, self.broker)
         self.liveness = Liveness(self.store, self.settings)
         self.intake = Intake(self.store, self.liveness, self.settings.lost_after_for, self._begin)
@@ -103,6 +120,7 @@ class Coordinator:
                                    self.settings, self._tasks)  # fmt: skip
         await self.broker.connect()
         await self.broker.declare(topology.coordinator_queue(), topology.heartbeats_queue())
+        await self.broker.delete_queue(topology.LEGACY_HEARTBEATS_QUEUE)
         for record in await self.store.in_flight():
             if record.state != "queued":
                 self._log.info("deployment.recovering", deployment_id=record.id)
@@ -115,12 +133,15 @@ class Coordinator:
         watch = Watch(self.store, self.liveness, self.settings, self.intake, announce.emit,
                       self.reactions.tell)  # fmt: skip
         self._tasks.spawn(watch.run(), "watch", forever=True)
-        self._log.info("coordinator.started", db=str(self.db_path))
+        self._log.info("coordinator.started", db=_shown(self.db_path))
 
     async def stop(self) -> None:
+        """Stop (also after a `start` that failed part way)."""
         await self._tasks.close()
         await self.broker.close()
-        await self.store.close()
+        store: Store | None = getattr(self, "store", None)
+        if store is not None:
+            await store.close()
 
     async def _finished(self, deployment: machine.Deployment) -> None:
         """A deployment ended: its hosts' views come from its results now (the watch
@@ -182,14 +203,29 @@ class Coordinator:
 
 
 async def serve(
-    db: Path, broker: BrokerSettings, settings: CoordinatorSettings, key: Ed25519PrivateKey,
-    policy: Policy, metrics_port: int | None = None,
+    db: str | Path, broker: BrokerSettings, settings: CoordinatorSettings,
+    key: Ed25519PrivateKey, policy: Policy, metrics_port: int | None = None,
 ) -> None:  # fmt: skip
-    """Run a coordinator until cancelled (SIGTERM/SIGINT)."""
-    coordinator = Coordinator(db, broker, settings, key, policy)
+    """Run a coordinator until cancelled (SIGTERM/SIGINT): a standby until it holds the
+    lease, then the active one until it loses it, and so on; the lease is given up on
+    the way out, so a standby takes over at once."""
     metrics.serve(metrics_port)
-    await coordinator.start()
+    leases = await Store.open(db)
+    leadership = Leadership(leases, settings.lease_ttl)
     try:
-        await asyncio.Event().wait()
+        while True:
+            await leadership.take()
+            coordinator = Coordinator(db, broker, settings, key, policy, leadership)
+            try:
+                await coordinator.start()
+                await leadership.hold()
+            finally:
+                await coordinator.stop()
     finally:
-        await coordinator.stop()
+        await leadership.release()
+        await leases.close()
+
+
+def _shown(db: str | Path) -> str:
+    """`db` as logged: a URL without its password."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", str(db))

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from coordinator.records import AgentRecord, DeploymentRecord, EventRecord, Registered, Release
+from coordinator.records import (
+    AgentRecord,
+    DeploymentRecord,
+    EventRecord,
+    LeaseRecord,
+    Registered,
+    Release,
+)
 from shared import signing
 
 LostAfter = Callable[[float | None], float]
@@ -137,7 +144,10 @@ def status(
     agent_records: list[AgentRecord],
     now: float,
     lost_after: LostAfter,
+    lease: LeaseRecord | None = None,
 ) -> dict[str, Any]:
+    """`lease`: who holds the coordinators' lease (the `coordinator` answering, unless
+    a standby took over since)."""
     desired = in_flight[0].release_id if in_flight else release_id
     hosts = [
         {
@@ -156,8 +166,11 @@ def status(
         "desired_release_id": desired,
         "services": current,
         "deployments_in_flight": [r.id for r in in_flight],
+        "coordinator": None if lease is None or not lease.active else {
+            "host": lease.host, "pid": lease.pid, "since": lease.since, "epoch": lease.epoch,
+        },
         "hosts": hosts,
-    }
+    }  # fmt: skip
 
 
 def event(record: EventRecord) -> dict[str, Any]:

@@ -16,7 +16,8 @@ class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    """The broker URL (LOCKSTEP_AMQP_URL)."""
+    """The broker URL (LOCKSTEP_AMQP_URL); a cluster's nodes as a comma-separated list:
+    connections go to the first node that is up, and move to the next when lost."""
     agent_queue_type: Literal["quorum", "classic"] = "quorum"
     """`classic` for single-node brokers serving very many agents (SPEC 5)."""
     prefetch: int = Field(default=100, ge=1)
@@ -79,6 +80,10 @@ class CoordinatorSettings(HeartbeatSettings):
     """How long after a release completed an alert may still roll it back."""
     alert_min_severity: Literal["info", "warning", "error", "critical"] = "critical"
     """Alerts below this severity are recorded and ignored."""
+    lease_ttl: Duration = Field(default=3.0, ge=0.5)
+    """How long the active coordinator's lease lasts unrenewed (it renews it three times
+    as often): a standby sharing the store takes over this long after the active one
+    died, so it bounds the takeover (LOCKSTEP_LEASE_TTL; coordinator.lease)."""
 
     @property
     def lost_after(self) -> float:

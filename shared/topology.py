@@ -21,7 +21,10 @@ ALERTS = "lockstep.alerts"
 DEAD = "lockstep.dead"
 
 COORDINATOR_QUEUE = "lockstep.coordinator"
-HEARTBEATS_QUEUE = "lockstep.coordinator.heartbeats"
+HEARTBEATS_QUEUE = "lockstep.coordinator.beats"
+LEGACY_HEARTBEATS_QUEUE = "lockstep.coordinator.heartbeats"
+"""Where heartbeats went before issue 10: a durable queue, which on a cluster is down
+for as long as its node is; the coordinator deletes it on start."""
 DEAD_QUEUE = "lockstep.dead"
 REPORTS_KEY = "coordinator"
 HEARTBEAT_KEY = "heartbeat"
@@ -74,6 +77,9 @@ class Queue:
     arguments: dict[str, object] = field(default_factory=dict)
     dead_letters: bool = True
     """Rejected (and expired) messages go to lockstep.dead."""
+    durable: bool = True
+    """False: the broker drops it with its node (and on restart), and whoever consumes
+    it declares it again wherever it reconnects (heartbeats)."""
 
     def declare_arguments(self) -> dict[str, object]:
         args: dict[str, object] = {"x-queue-type": self.type, **self.arguments}
@@ -120,12 +126,15 @@ def coordinator_queue() -> Queue:
 
 
 def heartbeats_queue() -> Queue:
-    """The coordinator's heartbeat queue: classic (heartbeats are transient), one active
-    consumer like the coordinator's queue, bounded (the oldest dropped first), and
-    expired heartbeats are simply gone, not dead-lettered."""
+    """The coordinator's heartbeat queue: classic and not durable (heartbeats are
+    transient: on a cluster, when its node dies, the coordinator declares it again on the
+    node it reconnects to), one active consumer like the coordinator's queue, bounded
+    (the oldest dropped first), and expired heartbeats are simply gone, not
+    dead-lettered."""
     return Queue(
         HEARTBEATS_QUEUE, "classic", ((REPORTS, HEARTBEAT_KEY),), single_active_consumer=True,
         arguments={"x-max-length": 100_000, "x-overflow": "drop-head"}, dead_letters=False,
+        durable=False,
     )  # fmt: skip
 
 
@@ -134,9 +143,11 @@ def agent_queue(host_id: str, queue_type: QueueType = "quorum") -> Queue:
     return Queue(agent_queue_name(host_id), queue_type, ((COMMANDS, host_key(host_id)),))
 
 
-def dead_queue() -> Queue:
-    """Where dead-lettered messages wait for an operator (durable classic)."""
-    return Queue(DEAD_QUEUE, "classic", ((DEAD, ""), (REPORTS, DEAD_KEY)), dead_letters=False)
+def dead_queue(queue_type: QueueType = "classic") -> Queue:
+    """Where dead-lettered messages wait for an operator: durable; made a quorum queue
+    where the agents' queues are quorum ones (a cluster: it then outlives any one node),
+    an existing one is kept as it is (`Link.declare`)."""
+    return Queue(DEAD_QUEUE, queue_type, ((DEAD, ""), (REPORTS, DEAD_KEY)), dead_letters=False)
 
 
 # --- broker users per role (SPEC 7) ------------------------------------------------

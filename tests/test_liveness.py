@@ -303,3 +303,22 @@ async def test_a_period_that_could_not_be_sent_is_told_at_the_next_heartbeat(
             liveness.untold("a", 8.0)
     finally:
         await store.close()
+
+
+async def test_a_coordinator_that_just_took_over_presumes_live_hosts_alive_for_a_full_period(
+    store_at: str | Path,
+) -> None:
+    """Issue 10: a standby that took over (or a coordinator that restarted) was not
+    listening before; the silence is its own, so a host the store last knew alive counts
+    alive until lost_after past the moment it began listening, and one it knew lost
+    stays lost."""
+    store, liveness = await _fleet(store_at, ["quiet", "gone"])  # last seen long ago
+    try:
+        await store.set_agent("gone", state="lost")
+        agents = await liveness.agents()
+        assert _alive(agents, liveness.now()) == {"quiet": True, "gone": False}
+        later = liveness.since + LOST_AFTER + 0.1  # still unheard a full period later
+        assert _alive(agents, later) == {"quiet": False, "gone": False}
+        assert (await store.agents())[1].last_seen == 0  # presumed, never written
+    finally:
+        await store.close()

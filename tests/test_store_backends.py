@@ -7,6 +7,8 @@ failed statement taking its whole transaction with it, and the SQL translation.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from coordinator import machine
 from coordinator.store import Store
 from coordinator.store.base import VERSION
 from coordinator.store.postgres import translate
+from shared.errors import Fenced, UserError
 from shared.specs import Strategy
 from tests.support.stores import behind
 
@@ -47,7 +50,7 @@ async def test_a_store_newer_than_this_code_is_refused_and_left_as_it_was(
 ) -> None:
     await (await Store.open(store_at)).close()
     await behind(store_at, f"UPDATE schema_version SET version = {VERSION + 1}")
-    with pytest.raises(RuntimeError, match=f"version {VERSION + 1}, newer"):
+    with pytest.raises(UserError, match=f"version {VERSION + 1}, newer"):
         await Store.open(store_at)
     await behind(store_at, f"UPDATE schema_version SET version = {VERSION}")
     store = await Store.open(store_at)
@@ -95,3 +98,46 @@ async def test_a_failed_statement_takes_its_whole_transaction_with_it(
 )
 def test_sqlite_spellings_become_postgresql_ones(sqlite: str, postgresql: str) -> None:
     assert translate(sqlite) == postgresql
+
+
+async def test_a_former_leaders_writes_are_refused_once_the_lease_moved_past_its_epoch(
+    store_at: str | Path,
+) -> None:
+    """Issue 10 "fencing": every commit of the active coordinator is conditional on its
+    epoch; once a standby took the lease, the former leader's transaction is rolled back
+    and `Fenced` raised, and nothing of it lands."""
+    old, new = await Store.open(store_at), await Store.open(store_at)
+    try:
+        epoch = await old.take_lease("old", "host-1", 1, ttl=0.5)
+        assert epoch == 1
+        assert await new.take_lease("new", "host-2", 2, ttl=30) is None  # held: it waits
+        fenced: list[bool] = []
+        old.fence(epoch, lambda: fenced.append(True))
+        await _queue(old, "d1")  # a write while it holds the lease lands
+        deadline = time.monotonic() + 10
+        while (taken := await new.take_lease("new", "host-2", 2, ttl=30)) is None:
+            assert time.monotonic() < deadline, "the lease never expired"
+            await asyncio.sleep(0.1)  # the old one stalled: its lease runs out
+        assert taken == 2
+        leases = await Store.open(store_at)  # the old one's lease connection (unfenced)
+        try:
+            assert not await leases.renew_lease(epoch, "old", ttl=30)
+        finally:
+            await leases.close()
+        with pytest.raises(Fenced):
+            await _queue(old, "d2")
+        assert fenced == [True]
+        assert [r.id for r in await new.in_flight()] == ["d1"]  # d2 never landed
+        lease = await new.lease()
+        assert (lease.epoch, lease.holder, lease.pid, lease.active) == (2, "new", 2, True)
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def _queue(store: Store, deployment_id: str) -> None:
+    await store.queue_deployment(
+        deployment_id=deployment_id, request_id=f"r-{deployment_id}", trigger="operator",
+        kind="deploy", target={"web": "1.0.0"}, request={}, locks=["web"],
+        machine=machine.queued(deployment_id, Strategy()),
+    )  # fmt: skip

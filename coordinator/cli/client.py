@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ def fail(code: int, kind: str, reason: str, field: str = "", *, as_json: bool = 
 def call(fn: Callable[[Broker], Awaitable[int]], *, as_json: bool) -> NoReturn:
     """Run `fn` with a broker connection; exit with its code or the error's."""
     log.setup("error")  # stdout is for documents: logs go to stderr, and only errors
+    for library in ("aiormq", "aio_pika"):  # a cluster node that is down is no error here:
+        logging.getLogger(library).setLevel(logging.CRITICAL)  # the CLI says what failed
     try:
         code = asyncio.run(_with_broker(fn))
     except UserError as e:

@@ -27,7 +27,7 @@ from coordinator.cli.client import EXIT_BAD_INPUT, EXIT_UNREACHABLE, emit, fail
 from coordinator.cli.options import Json, pair
 from shared import log, signing
 from shared.config import BrokerSettings, CoordinatorSettings, SecuritySettings
-from shared.errors import BrokerUnavailable, UserError
+from shared.errors import BrokerUnavailable, StoreUnavailable, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -52,7 +52,13 @@ def _run_forever(main: Coroutine[Any, Any, None]) -> None:
 
 @app.command()
 def coordinator(
-    db: Annotated[Path, typer.Option(help="SQLite file.")] = Path("lockstep-coordinator.db"),
+    db: Annotated[
+        str,
+        typer.Option(
+            help="SQLite file, or a postgresql:// URL that standby coordinators share "
+            "(pip install 'lockstep[postgres]')."
+        ),
+    ] = "lockstep-coordinator.db",
     key_dir: Annotated[
         Path, typer.Option(help="Where coordinator.key is (made by `lockstep keys init`).")
     ] = Path("."),
@@ -72,15 +78,19 @@ def coordinator(
     """Run the coordinator."""
     from coordinator.enrollment import Policy
     from coordinator.service import serve
+    from coordinator.store.db import is_url
 
     log.setup()
     try:
         key = _coordinator_key(key_dir)
         policy = Policy(SecuritySettings(), auto_approve, frozenset(operators or ()))
-        _run_forever(serve(db, BrokerSettings(), CoordinatorSettings(), key, policy, metrics_port))
+        where = db if is_url(db) else Path(db)
+        _run_forever(
+            serve(where, BrokerSettings(), CoordinatorSettings(), key, policy, metrics_port)
+        )
     except UserError as e:
         fail(EXIT_BAD_INPUT, "user", e.reason, e.field)
-    except BrokerUnavailable as e:
+    except (BrokerUnavailable, StoreUnavailable) as e:
         fail(EXIT_UNREACHABLE, "unreachable", str(e))
 
 

@@ -86,7 +86,7 @@ class Management:
 
     def declare_queue(self, spec: topology.Queue) -> None:
         """The queue with `declare_arguments()` and every binding of `spec`."""
-        body = {**_DURABLE, "arguments": spec.declare_arguments()}
+        body = {**_DURABLE, "durable": spec.durable, "arguments": spec.declare_arguments()}
         self.call("PUT", _path("queues", self.vhost, spec.name), body)
         for exchange, key in spec.bindings:
             path = _path("bindings", self.vhost, "e", exchange, "q", spec.name)

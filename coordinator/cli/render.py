@@ -76,6 +76,10 @@ def status(doc: dict[str, Any]) -> str:
         f"release: {doc['release_id']} (desired {doc['desired_release_id']})",
         f"services: {_set(doc['services'])}",
     ]
+    active = doc.get("coordinator")
+    if active:
+        lines.append(f"coordinator: {active['host']} pid {active['pid']}, active since "
+                     f"{_ago(active['since'])} (epoch {active['epoch']})")  # fmt: skip
     for host in doc["hosts"]:
         alive = "alive" if host["alive"] else "LOST"
         lines.append(f"{host['host_id']} [{alive}, seen {_ago(host['last_seen'])}]")

@@ -18,6 +18,7 @@ schema and its migrations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.store.agents import AgentTable
@@ -25,11 +26,12 @@ from coordinator.store.base import migrate
 from coordinator.store.catalog import digest
 from coordinator.store.db import open_db
 from coordinator.store.deployments import DeploymentTable
+from coordinator.store.leases import LeaseTable
 
 __all__ = ["Store", "digest"]
 
 
-class Store(DeploymentTable, AgentTable):
+class Store(DeploymentTable, AgentTable, LeaseTable):
     """Every part of the store over one connection (a transaction may span them)."""
 
     @classmethod
@@ -47,6 +49,10 @@ class Store(DeploymentTable, AgentTable):
     @property
     def dialect(self) -> str:
         return self._db.dialect
+
+    def fence(self, epoch: int, on_fenced: Callable[[], None]) -> None:
+        """Every later commit only while the lease still has `epoch` (coordinator.store.db)."""
+        self._db.fence(epoch, on_fenced)
 
     async def close(self) -> None:
         await self._db.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from coordinator.store.db import Db, Row
+from shared.errors import UserError
 
 _SQLITE_V1 = """
 CREATE TABLE IF NOT EXISTS catalog (
@@ -141,9 +142,10 @@ async def migrate(db: Db) -> int:
     found = await _version(db)
     if found > VERSION:
         await db.rollback()
-        raise RuntimeError(
+        raise UserError(
+            "--db",
             f"the store's schema is version {found}, newer than this lockstep's {VERSION}: "
-            "upgrade lockstep"
+            "upgrade lockstep",
         )
     for migration in MIGRATIONS[db.dialect][found:]:
         await migration(db)

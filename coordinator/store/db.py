@@ -25,7 +25,7 @@ its writes land, and it sends nothing that depends on them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,13 +44,18 @@ class Db(abc.ABC):
     """One database connection: statements, transactions, and the fence on commit."""
 
     dialect: str
+    now_sql: str
+    """The database's clock in SQL, as Unix seconds (the lease is judged by it)."""
 
     def __init__(self) -> None:
         self.epoch: int | None = None
         """The lease epoch every commit is conditional on (None: not fenced)."""
+        self.on_fenced: Callable[[], None] | None = None
 
-    def fence(self, epoch: int | None) -> None:
-        self.epoch = epoch
+    def fence(self, epoch: int | None, on_fenced: Callable[[], None] | None = None) -> None:
+        """Make every later commit conditional on the lease's `epoch`; `on_fenced` is
+        called when one is refused."""
+        self.epoch, self.on_fenced = epoch, on_fenced
 
     @abc.abstractmethod
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
@@ -77,6 +82,8 @@ class Db(abc.ABC):
             held = rows[0]["epoch"] if rows else None
             if held != self.epoch:
                 await self.rollback()
+                if self.on_fenced is not None:
+                    self.on_fenced()
                 raise Fenced(self.epoch, held)
         await self._commit()
 
@@ -104,6 +111,7 @@ class SqliteDb(Db):
     """aiosqlite: WAL, `synchronous=FULL` (a saved decision survives a power cut)."""
 
     dialect = "sqlite"
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         super().__init__()

@@ -36,6 +36,7 @@ SCHEMA_LOCK = 0x6C6F636B  # "lock": the advisory lock that migrations take
 
 class PostgresDb(Db):
     dialect = "postgresql"
+    now_sql = "extract(epoch from clock_timestamp())::float8"
     fence_sql = "SELECT epoch FROM lease WHERE name = 'coordinator' FOR SHARE"
 
     def __init__(self, url: str) -> None:

@@ -19,7 +19,7 @@ from shared.signing import Signer
 from shared.tasks import TaskGroup
 from shared.transport.connection import Link
 from shared.transport.consume import Consumer, Handler
-from shared.transport.publish import Publisher
+from shared.transport.publish import Gate, Publisher
 from shared.transport.request import Requester
 
 
@@ -34,16 +34,18 @@ class Broker:
         signer: Signer | None = None,
         dead_letter_via: tuple[str, str] = (topology.DEAD, ""),
         share: Broker | None = None,
+        gate: Gate | None = None,
     ) -> None:
         """`share`: a Broker whose connection this one uses instead of opening its own
         (connect `share` first). Many agents in one process, as in the fleet benchmark,
         then take one socket with a few channels each; `close` closes only this Broker's
-        channels, and the connection stays `share`'s to close."""
+        channels, and the connection stays `share`'s to close. `gate`: awaited before
+        every publish and reply, raising to forbid them (`Publisher`)."""
         self.settings = settings
         self.name = name
         self._link: Link = Link(settings, name, share._link if share is not None else None)
         self._tasks = TaskGroup("transport")
-        self._publisher = Publisher(self._link, signer, dead_letter_via)
+        self._publisher = Publisher(self._link, signer, dead_letter_via, gate)
         self._consumer = Consumer(self._link, self._publisher, self._tasks)
         self._requester = Requester(self._link, self._publisher)
         self.user = self._publisher.user
@@ -85,6 +87,10 @@ class Broker:
     async def declare_queue(self, spec: topology.Queue) -> None:
         """Declare one more queue (an agent's, once the coordinator heard of it)."""
         await self._link.declare_queue(spec)
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue that is no longer part of the topology (no error if gone)."""
+        await self._link.delete_queue(name)
 
     async def publish(
         self,

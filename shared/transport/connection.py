@@ -16,11 +16,16 @@ from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+)
 
 from shared import topology
 from shared.config import BrokerSettings
 from shared.errors import BrokerUnavailable, TransientError, UserError
+from shared.transport import cluster
 
 BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, asyncio.TimeoutError)
 """What aio-pika raises when the broker or the channel went away."""
@@ -31,8 +36,9 @@ class Unroutable(TransientError):
 
 
 def user_of(url: str) -> str | None:
-    """The user a connection to `url` logs in as (aio-pika's default login is guest)."""
-    parts = urlsplit(url)
+    """The user a connection to `url` (the first node of a list) logs in as (aio-pika's
+    default login is guest)."""
+    parts = urlsplit(cluster.split(url)[0])
     if "auth=external" in parts.query.lower():
         return None
     return unquote(parts.username or "") or "guest"
@@ -44,7 +50,10 @@ def ssl_context(s: BrokerSettings) -> ssl.SSLContext | None:
     Verification is never off: the peer is checked against `tls_ca` (else the
     system store), host name included; `tls_cert`/`tls_key` add a client certificate.
     """
-    if urlsplit(s.amqp_url).scheme.lower() != "amqps":
+    schemes = {urlsplit(u).scheme.lower() for u in cluster.split(s.amqp_url)}
+    if len(schemes) > 1:
+        raise UserError("LOCKSTEP_AMQP_URL", "mixes amqp:// and amqps:// nodes")
+    if schemes != {"amqps"}:
         if s.tls_ca or s.tls_cert or s.tls_key:
             raise UserError("LOCKSTEP_AMQP_URL", "TLS settings are set: use amqps://")
         return None
@@ -65,8 +74,8 @@ def ssl_context(s: BrokerSettings) -> ssl.SSLContext | None:
 
 
 def safe_url(url: str) -> str:
-    """`url` without its credentials, fit for an error message."""
-    return url.split("@", 1)[-1] if "@" in url else url
+    """`url` (each node of a list) without its credentials, fit for an error message."""
+    return ",".join(u.split("@", 1)[-1] if "@" in u else u for u in cluster.split(url))
 
 
 class Link:
@@ -94,10 +103,10 @@ class Link:
             if self._share is not None:
                 self._connection = self._share.connection_or_fail()
             else:
-                self._connection = await aio_pika.connect_robust(
-                    self.settings.amqp_url,
+                self._connection = await cluster.connect(
+                    cluster.split(self.settings.amqp_url),
+                    self.settings.connect_timeout,
                     ssl_context=ssl_context(self.settings),
-                    timeout=self.settings.connect_timeout,
                     reconnect_interval=self.settings.reconnect_interval,
                     client_properties={"connection_name": self.name},
                 )
@@ -114,6 +123,21 @@ class Link:
         if self._publish_channel is None:
             raise BrokerUnavailable("not connected")
         return self._publish_channel
+
+    async def renew_channel(self) -> None:
+        """Replace the publish channel with a fresh one (after a nack). Seen on RabbitMQ
+        3.10.8 in a three-node cluster: after the node holding an agent queue's leader
+        was killed, the coordinator's channel had every publish to that queue nacked for
+        90 s, though the queue had a new leader within 20 s and a new connection's
+        publishes to it were confirmed."""
+        old = self._publish_channel
+        self._publish_channel = await self.connection_or_fail().channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._exchanges.clear()  # they were bound to the old channel
+        if old is not None:
+            with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
+                await old.close()
 
     def connection_or_fail(self) -> AbstractRobustConnection:
         """The connection, or `BrokerUnavailable` before `connect`."""
@@ -136,16 +160,35 @@ class Link:
         self._connection = None
 
     async def declare(self, *queues: topology.Queue) -> None:
-        """Declare every exchange, the dead-letter queue and `queues` (idempotent)."""
+        """Declare every exchange, the dead-letter queue (unless it exists: it is not
+        re-typed) and `queues` (idempotent).
+
+        On plain, one-shot channels: a robust channel declares again, on every
+        reconnect, what was declared on it, and on a cluster a durable classic queue
+        whose node is down cannot be declared, so that reconnect would fail for as long
+        as the node is down. What is consumed is declared again by its consumer.
+        """
         try:
-            for spec in topology.EXCHANGES:
-                self._exchanges[spec.name] = await self.channel.declare_exchange(
-                    spec.name, aio_pika.ExchangeType(spec.type), durable=True
-                )
-            for queue in (topology.dead_queue(), *queues):
-                await self.declare_on(queue)
+            async with self._one_shot() as channel:
+                for exchange in topology.EXCHANGES:
+                    await channel.declare_exchange(
+                        exchange.name, aio_pika.ExchangeType(exchange.type), durable=True
+                    )
+                for queue in queues:
+                    await self.declare_on(queue, channel)
+            try:
+                async with self._one_shot() as channel:
+                    await channel.declare_queue(topology.DEAD_QUEUE, passive=True)
+            except ChannelNotFoundEntity:  # none yet: quorum where agents' queues are
+                async with self._one_shot() as channel:
+                    dead = topology.dead_queue(self.settings.agent_queue_type)
+                    await self.declare_on(dead, channel)
         except BROKER_ERRORS as e:
             raise BrokerUnavailable(f"declaring the topology failed: {e!r}") from e
+
+    def _one_shot(self) -> aio_pika.Channel:
+        """A plain channel (not restored on reconnect), for `async with`."""
+        return aio_pika.Channel(self.connection_or_fail())
 
     async def declare_queue(self, spec: topology.Queue) -> None:
         """Declare one more queue (an agent's, once the coordinator heard of it)."""
@@ -160,11 +203,18 @@ class Link:
         """Declare and bind `spec` on `channel` (default: the publish channel)."""
         self.specs[spec.name] = spec
         queue = await (channel or self.channel).declare_queue(
-            spec.name, durable=True, arguments=cast(Any, spec.declare_arguments())
+            spec.name, durable=spec.durable, arguments=cast(Any, spec.declare_arguments())
         )
         for exchange, key in spec.bindings:
             await queue.bind(exchange, key)
         return queue
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete queue `name` and what it holds (no error if there is none)."""
+        try:
+            await self.channel.queue_delete(name)
+        except BROKER_ERRORS as e:
+            raise BrokerUnavailable(f"deleting {name} failed: {e!r}") from e
 
     async def exchange(self, name: str) -> AbstractExchange:
         """The exchange `name`, looked up once (never declared here)."""

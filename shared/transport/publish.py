@@ -8,6 +8,8 @@ checks. A publish re-sends through a broker outage until `publish_retry` runs ou
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -21,6 +23,8 @@ from shared.messages import Body, Envelope, encode, make
 from shared.signing import Signer
 from shared.transport.connection import BROKER_ERRORS, Link, Unroutable, user_of
 
+Gate = Callable[[], Awaitable[None]]
+
 
 class Publisher:
     """What one Broker sends: envelopes, replies to requests, and dead letters."""
@@ -30,8 +34,12 @@ class Publisher:
         link: Link,
         signer: Signer | None,
         dead_letter_via: tuple[str, str],
+        gate: Gate | None = None,
     ) -> None:
+        """`gate`: awaited before every publish and reply; it raises to forbid them (a
+        coordinator that is not, or no longer, the active one: coordinator.leadership)."""
         self.signer = signer
+        self._gate = gate
         self.user = user_of(link.settings.amqp_url)
         """The broker user this process connects as, stamped on what it publishes (None
         with EXTERNAL auth: the broker alone knows the certificate's user)."""
@@ -74,6 +82,8 @@ class Publisher:
         pause = 0.1
         while True:
             try:
+                if self._gate is not None:
+                    await self._gate()
                 await self.send(exchange, routing_key, message, mandatory)
                 return
             except BrokerUnavailable:
@@ -98,6 +108,10 @@ class Publisher:
             )
         except aiormq.exceptions.PublishError as e:
             raise Unroutable(f"no queue for {exchange}/{routing_key}") from e
+        except aiormq.exceptions.DeliveryError as e:  # nacked: retried on a fresh channel
+            with contextlib.suppress(*BROKER_ERRORS, BrokerUnavailable):
+                await self._link.renew_channel()
+            raise BrokerUnavailable(f"publish to {exchange}/{routing_key} nacked: {e!r}") from e
         except ChannelNotFoundEntity as e:
             raise Unroutable(f"no exchange {exchange}") from e
         except (ChannelAccessRefused, ChannelPreconditionFailed) as e:
@@ -127,6 +141,8 @@ class Publisher:
 
     async def reply(self, reply_to: str, correlation_id: str | None, body: Body) -> None:
         """Answer a request on its `reply_to` queue."""
+        if self._gate is not None:
+            await self._gate()
         message = aio_pika.Message(
             encode(self._signed(make(body, self._link.name))),
             content_type="application/json",

@@ -57,22 +57,32 @@ class Fleet:
         self.hosts: dict[str, Host] = {}
         self._ports: set[int] = set()
         self.coordinator: subprocess.Popen[bytes] | None = None
+        """The coordinator started last."""
+        self.db = str(root / "coordinator.db")
+        """The coordinators' `--db`: a SQLite file, or a PostgreSQL URL they share."""
         self.artifacts = root / "artifacts"
         self.specs = root / "specs"
 
     # --- processes ----------------------------------------------------------------
 
-    def start_coordinator(self, fault: str | None = None) -> None:
-        """Start the coordinator; with `fault`, it kills itself at that protocol point."""
-        env = dict(self.env, LOCKSTEP_FAULT_POINT=fault) if fault else self.env
-        args = [LOCKSTEP, "coordinator", "--db", str(self.root / "coordinator.db"),
-                "--key-dir", str(self.key_dir)]  # fmt: skip
+    def start_coordinator(
+        self, fault: str | None = None, *, log: str = "coordinator.log", wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:  # fmt: skip
+        """Start a coordinator (`self.coordinator`) on `self.db`; with `fault`, it kills
+        itself at that protocol point; `env` adds to the fleet's environment. With
+        `wait`, returns once a coordinator answers (this one, or an active one when this
+        is a standby)."""
+        env = {**self.env, **(env or {}), **({"LOCKSTEP_FAULT_POINT": fault} if fault else {})}
+        args = [LOCKSTEP, "coordinator", "--db", self.db, "--key-dir", str(self.key_dir)]
         if self.auto_approve:
             args.append("--auto-approve")
         args += self.coordinator_args
-        self.coordinator = self.procs.start(args, env=env, log=self.root / "coordinator.log")
-        # Any answer will do (a user outside --operators is answered with exit 2).
-        wait_until(lambda: self.cli("status", "--json").code != 3, 20, "the coordinator to answer")
+        self.coordinator = self.procs.start(args, env=env, log=self.root / log)
+        if wait:  # any answer will do (a user outside --operators is answered with exit 2)
+            wait_until(lambda: self.cli("status", "--json").code != 3, 20,
+                       "the coordinator to answer")  # fmt: skip
+        return self.coordinator
 
     def kill_coordinator(self) -> None:
         assert self.coordinator is not None

@@ -29,10 +29,10 @@ async def _admin(sql: str, database: str = "postgres") -> None:
         await conn.close()
 
 
-def _admin_now(sql: str) -> None:
+def _admin_now(sql: str, database: str = "postgres") -> None:
     """`_admin`, from synchronous code that may run inside an event loop (a fixture)."""
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, _admin(sql)).result()
+        pool.submit(asyncio.run, _admin(sql, database)).result()
 
 
 @contextmanager
@@ -49,10 +49,25 @@ def session_database() -> Iterator[str]:
 @asynccontextmanager
 async def schema(database_url: str, label: str) -> AsyncIterator[str]:
     """A fresh schema in the session's database; yields a URL whose tables live in it."""
-    name = f"t_{label[:30].lower().replace('-', '_')}_{uuid.uuid4().hex[:8]}"
-    database = database_url.rsplit("/", 1)[1]
+    name, database = _schema_name(label), database_url.rsplit("/", 1)[1]
     await _admin(f'CREATE SCHEMA "{name}"', database)
     try:
         yield f"{database_url}?search_path={name}"
     finally:
         await _admin(f'DROP SCHEMA "{name}" CASCADE', database)
+
+
+@contextmanager
+def schema_now(database_url: str, label: str) -> Iterator[str]:
+    """`schema`, for synchronous tests (the end-to-end and HA tiers). Stop every process
+    that uses it before leaving."""
+    name, database = _schema_name(label), database_url.rsplit("/", 1)[1]
+    _admin_now(f'CREATE SCHEMA "{name}"', database)
+    try:
+        yield f"{database_url}?search_path={name}"
+    finally:
+        _admin_now(f'DROP SCHEMA "{name}" CASCADE', database)
+
+
+def _schema_name(label: str) -> str:
+    return f"t_{label[:30].lower().replace('-', '_')}_{uuid.uuid4().hex[:8]}"
