@@ -17,8 +17,6 @@ from shared.errors import BrokerUnavailable
 from shared.messages import Event, make
 from shared.transport import Broker
 
-SENDER = "coordinator"
-
 
 class Announcer:
     def __init__(self, store: Store, broker: Broker) -> None:
@@ -55,7 +53,8 @@ class Announcer:
     async def publish(self, kind: str, data: dict[str, Any]) -> None:
         try:
             await self.broker.publish(
-                topology.EVENTS, topology.event_key(kind), make(Event(type=kind, data=data), SENDER)
-            )
+                topology.EVENTS, topology.event_key(kind),
+                make(Event(type=kind, data=data), self.broker.name),
+            )  # fmt: skip
         except BrokerUnavailable as e:
             self._log.warning("event.unpublished", type=kind, error=str(e))

@@ -13,7 +13,10 @@ consumer is the lease holder, or a former holder that has not noticed yet. Such 
 former holder (stalled past its lease, then resumed) cannot act: every commit it tries
 is refused at the store by the epoch (`Fenced`: the delivery it was handling is
 requeued, for the new holder), and every publish first passes `confirm`, which it
-fails, so it sends no command; and the first refusal ends its `hold`.
+fails, so it sends no command; and the first refusal ends its `hold`. A holder that
+cannot reach the store for a lease's length steps down too, and takes the lease again
+(or a standby does) once the store is back: the coordinator then starts afresh from
+what the store holds, as after a crash.
 """
 
 from __future__ import annotations
@@ -87,6 +90,12 @@ class Leadership:
             held = await self.store.renew_lease(self.epoch, self.holder, self.ttl)
         except StoreUnavailable as e:  # not renewed: trusted a while longer, then not
             self._log.warning("lease.store_unavailable", error=str(e))
+            if time.monotonic() > self._trusted_until:
+                # The store has been gone for a lease's length: step down, and start
+                # afresh once it is back (what a failed write left in memory, or a
+                # timer whose event could not be saved, is then read back from it).
+                self._log.warning("lease.store_lost", epoch=self.epoch)
+                self._lost.set()
         else:
             if held:
                 self._trusted_until = lease.trusted_until(sent, self.ttl)

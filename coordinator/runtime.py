@@ -37,7 +37,6 @@ from shared.messages import Abort, Body, Commit, Prepare, Revert, make
 from shared.tasks import TaskGroup
 from shared.transport import Broker, Unroutable
 
-SENDER = "coordinator"
 ENDED_KEPT = 64
 """How many ended deployments stay in memory."""
 OnPhase = Callable[[str], Awaitable[None]]
@@ -259,7 +258,7 @@ class Deployments:
         """Sign, address and date `body` for `host` (SPEC 7), and publish it."""
         now = datetime.now(UTC)
         expires = now + timedelta(seconds=self.command_ttl)
-        envelope = make(body, SENDER, to=host, sent_at=now, expires_at=expires)
+        envelope = make(body, self.broker.name, to=host, sent_at=now, expires_at=expires)
         await self.broker.publish(
             topology.COMMANDS, topology.host_key(host), envelope, mandatory=True
         )

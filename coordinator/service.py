@@ -19,9 +19,11 @@ lease is lost (and waits again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +43,7 @@ from coordinator.store import Store
 from coordinator.watch import Watch
 from shared import log, metrics, signing, topology
 from shared.config import BrokerSettings, CoordinatorSettings
-from shared.errors import ProtocolError, Refused, UserError
+from shared.errors import Fenced, ProtocolError, Refused, StoreUnavailable, UserError
 from shared.messages import (
     AgentHello,
     Alert,
@@ -86,7 +88,7 @@ class Coordinator:
         self.policy = policy or Policy()
         self.leadership = leadership
         gate = leadership.confirm if leadership is not None else None
-        name = f"coordinator:{socket.gethostname()}:{os.getpid()}"
+        name = f"coordinator:{socket.gethostname()}:{os.getpid()}"  # also the envelopes' sender
         self.broker = Broker(broker, name, signer=signing.Signer(key), gate=gate)
         self._queue_type = broker.agent_queue_type
         self._tasks = TaskGroup("coordinator")
@@ -130,6 +132,7 @@ class Coordinator:
         # Heartbeats are transient: auto-ack, and one at a time (each is handled in memory,
         # without an await that would let the others overtake it).
         await self.broker.consume(topology.HEARTBEATS_QUEUE, self.handle, auto_ack=True)
+        self.liveness.since = time.time()  # listening from now (Liveness._presumed)
         watch = Watch(self.store, self.liveness, self.settings, self.intake, announce.emit,
                       self.reactions.tell)  # fmt: skip
         self._tasks.spawn(watch.run(), "watch", forever=True)
@@ -212,14 +215,21 @@ async def serve(
     metrics.serve(metrics_port)
     leases = await Store.open(db)
     leadership = Leadership(leases, settings.lease_ttl)
+    log_ = log.get("coordinator")
     try:
         while True:
             await leadership.take()
             coordinator = Coordinator(db, broker, settings, key, policy, leadership)
+            holding = asyncio.create_task(leadership.hold(), name="lease")  # from now on
             try:
                 await coordinator.start()
-                await leadership.hold()
+                await holding  # until the lease is lost
+            except (Fenced, StoreUnavailable) as e:  # lost while starting: wait again
+                log_.warning("coordinator.start_abandoned", error=str(e))
             finally:
+                holding.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await holding
                 await coordinator.stop()
     finally:
         await leadership.release()

@@ -81,7 +81,8 @@ class Fenced(TransientError):
     """
 
     def __init__(self, epoch: int, held: int | None) -> None:
-        super().__init__(f"fenced: this coordinator's epoch {epoch} is past (now {held})")
+        now = f"now {held}" if held is not None else "its lease is lost or not confirmed"
+        super().__init__(f"fenced: this coordinator's epoch {epoch} is past ({now})")
         self.epoch = epoch
         self.held = held
 

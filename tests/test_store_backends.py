@@ -17,7 +17,7 @@ from coordinator import machine
 from coordinator.store import Store
 from coordinator.store.base import VERSION
 from coordinator.store.postgres import translate
-from shared.errors import Fenced, UserError
+from shared.errors import Fenced, StoreUnavailable, UserError
 from shared.specs import Strategy
 from tests.support.stores import behind
 
@@ -60,6 +60,8 @@ async def test_a_store_newer_than_this_code_is_refused_and_left_as_it_was(
 async def test_a_failed_statement_takes_its_whole_transaction_with_it(
     store_at: str | Path,
 ) -> None:
+    """Another coroutine's writes in the same transaction go with it, and that coroutine
+    is told so at its commit (it never "commits" what was rolled back)."""
     store = await Store.open(store_at)
     try:
         queued = machine.queued("d1", Strategy())
@@ -67,15 +69,25 @@ async def test_a_failed_statement_takes_its_whole_transaction_with_it(
                 "kind": "deploy", "target": {"web": "1.0.0"}, "request": {},
                 "locks": ["web"], "machine": queued}  # fmt: skip
         await store.queue_deployment(**args)
-        await store._db.execute("UPDATE fleet SET value = 'x'")  # opens a transaction
-        await store._db.execute(
-            "INSERT INTO releases (services, state, created_at) VALUES ('{}', 'good', 0)"
-        )
+        wrote, failed = asyncio.Event(), asyncio.Event()
+
+        async def victim() -> None:  # writes, then commits after the other one failed
+            await store._db.execute(
+                "INSERT INTO releases (services, state, created_at) VALUES ('{}', 'good', 0)"
+            )
+            wrote.set()
+            await failed.wait()
+            await store._db.commit()
+
+        committing = asyncio.create_task(victim())
+        await wrote.wait()
         with pytest.raises(Exception, match=r"(?i)unique"):
             await store.queue_deployment(**{**args, "deployment_id": "d2"})  # same request id
+        failed.set()
+        with pytest.raises(StoreUnavailable, match="rolled back"):
+            await committing
         assert not store._db.in_transaction
-        await store._db.commit()  # nothing of the failed transaction is left to commit
-        assert await store.releases() == []
+        assert await store.releases() == []  # the victim's write is gone, and it knows
         assert [r.id for r in await store.in_flight()] == ["d1"]
     finally:
         await store.close()
@@ -94,6 +106,11 @@ async def test_a_failed_statement_takes_its_whole_transaction_with_it(
             "INSERT OR IGNORE INTO t (a) VALUES (?)",
             "INSERT INTO t (a) VALUES ($1) ON CONFLICT DO NOTHING",
         ),
+        (
+            "INSERT OR IGNORE INTO t (a) VALUES (?) RETURNING id",
+            "INSERT INTO t (a) VALUES ($1) ON CONFLICT DO NOTHING RETURNING id",
+        ),
+        ("update a set x = max(x, ?)", "update a set x = GREATEST(x, $1)"),
     ],
 )
 def test_sqlite_spellings_become_postgresql_ones(sqlite: str, postgresql: str) -> None:

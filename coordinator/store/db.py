@@ -8,12 +8,13 @@ The tables' SQL is written once, in SQLite's dialect with `?` placeholders;
 words for.
 
 Both behave like Python's sqlite3: a write opens a transaction, `commit` ends it, and
-a statement that fails rolls back the whole transaction it was part of, so a caller's
-half-written transaction can never be committed by whoever commits next (PostgreSQL
-refuses anything after a failed statement anyway). Both are used by many coroutines
-at once, each call whole: the calls of one transaction must not be interleaved with
-another's writes, which the store's methods honour by committing before they yield
-to anything but the database.
+a statement that fails (or a lost connection) rolls back the whole transaction it was
+part of, so a caller's half-written transaction can never be committed by whoever
+commits next (PostgreSQL refuses anything after a failed statement anyway). Both are
+used by many coroutines at once, each call whole, so one transaction may hold the
+writes of several store methods; a method whose writes were rolled back that way
+learns it at its `commit` (`StoreUnavailable`, transient: the delivery it was
+handling is requeued), never from a commit that silently saved nothing.
 
 Fencing (SPEC 5, issue 10): once a coordinator holds the lease (`coordinator.lease`)
 its epoch is set here (`fence`), and every commit first checks, inside the same
@@ -25,13 +26,19 @@ its writes land, and it sends nothing that depends on them.
 from __future__ import annotations
 
 import abc
+import asyncio
+import sqlite3
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import aiosqlite
 
-from shared.errors import Fenced
+from shared.errors import Fenced, StoreUnavailable
+
+LOST_KEPT = 1000
+"""How many rolled-back transactions are remembered (their writers commit soon after)."""
 
 
 class Row(Protocol):
@@ -51,6 +58,34 @@ class Db(abc.ABC):
         self.epoch: int | None = None
         """The lease epoch every commit is conditional on (None: not fenced)."""
         self.on_fenced: Callable[[], None] | None = None
+        self._open = 0
+        """The number of the transaction open now (0: none)."""
+        self._numbered = 0
+        self._lost: set[int] = set()
+        """Transactions rolled back by a failure (the newest LOST_KEPT)."""
+        self._joined: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = (
+            weakref.WeakKeyDictionary()
+        )
+        """The transaction each task last ran a statement in."""
+
+    def _joins(self, in_transaction: bool) -> None:
+        """After a statement: the calling task took part in the open transaction."""
+        if not in_transaction:
+            return
+        if not self._open:
+            self._numbered += 1
+            self._open = self._numbered
+        task = asyncio.current_task()
+        if task is not None:
+            self._joined[task] = self._open
+
+    def _ends(self, *, lost: bool) -> None:
+        """The open transaction was committed, or (`lost`) rolled back."""
+        if self._open and lost:
+            self._lost.add(self._open)
+            if len(self._lost) > LOST_KEPT:
+                self._lost.discard(min(self._lost))
+        self._open = 0
 
     def fence(self, epoch: int | None, on_fenced: Callable[[], None] | None = None) -> None:
         """Make every later commit conditional on the lease's `epoch`; `on_fenced` is
@@ -74,18 +109,34 @@ class Db(abc.ABC):
 
     async def commit(self) -> None:
         """End the open transaction, if any: refused (`Fenced`, rolled back) when the
-        lease moved past `epoch`."""
+        lease moved past `epoch`; `StoreUnavailable` if the calling task's writes were
+        in a transaction that a failure rolled back."""
+        task = asyncio.current_task()
+        joined = self._joined.pop(task, None) if task is not None else None
+        if joined is not None and joined in self._lost:
+            raise StoreUnavailable(
+                "this write's transaction was rolled back (a statement failed, or the "
+                "connection was lost): nothing of it was saved"
+            )
         if not self.in_transaction:
             return
+        await self._fenced_commit()
+
+    async def _fenced_commit(self) -> None:
+        """Check the epoch in the open transaction, then commit it (or roll it back)."""
         if self.epoch is not None:
             rows = await self.fetch(self.fence_sql)
             held = rows[0]["epoch"] if rows else None
             if held != self.epoch:
                 await self.rollback()
-                if self.on_fenced is not None:
-                    self.on_fenced()
-                raise Fenced(self.epoch, held)
+                self._refused(held)
         await self._commit()
+
+    def _refused(self, held: int | None) -> NoReturn:
+        assert self.epoch is not None
+        if self.on_fenced is not None:
+            self.on_fenced()
+        raise Fenced(self.epoch, held)
 
     fence_sql = "SELECT epoch FROM lease WHERE name = 'coordinator'"
 
@@ -128,25 +179,29 @@ class SqliteDb(Db):
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         try:
-            return list(await self._db.execute_fetchall(sql, args))
-        except Exception:
+            rows: list[Row] = list(await self._db.execute_fetchall(sql, args))
+        except Exception as e:
             await self.rollback()
-            raise
+            raise _translated(e) from e
+        self._joins(self._db.in_transaction)
+        return rows
 
     async def execute(self, sql: str, *args: Any) -> int:
         try:
             cursor = await self._db.execute(sql, args)
-        except Exception:
+        except Exception as e:
             await self.rollback()
-            raise
+            raise _translated(e) from e
+        self._joins(self._db.in_transaction)
         return cursor.rowcount
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
             await self._db.executemany(sql, rows)
-        except Exception:
+        except Exception as e:
             await self.rollback()
-            raise
+            raise _translated(e) from e
+        self._joins(self._db.in_transaction)
 
     @property
     def in_transaction(self) -> bool:
@@ -154,15 +209,26 @@ class SqliteDb(Db):
 
     async def _commit(self) -> None:
         await self._db.commit()
+        self._ends(lost=False)
 
     async def rollback(self) -> None:
         await self._db.rollback()
+        self._ends(lost=True)
 
     async def lock_schema(self) -> None:
         await self.execute("BEGIN IMMEDIATE")
 
     async def close(self) -> None:
         await self._db.close()
+
+
+def _translated(error: Exception) -> Exception:
+    """SQLite's "locked" or "busy" (another process holds the file: a coordinator on the
+    same file, a backup) as a transient `StoreUnavailable`; anything else as it is."""
+    text = str(error).lower()
+    if isinstance(error, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+        return StoreUnavailable(f"SQLite: {error}")
+    return error
 
 
 def is_url(where: str | Path) -> bool:

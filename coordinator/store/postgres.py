@@ -25,12 +25,19 @@ from typing import Any
 import asyncpg
 
 from coordinator.store.db import Db, Row
-from shared.errors import StoreUnavailable
+from shared.errors import Fenced, StoreUnavailable
 
-LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-        asyncpg.CannotConnectNowError)  # fmt: skip
-"""What a lost or refused connection raises."""
+LOST = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+        asyncpg.OperatorInterventionError)  # fmt: skip
+"""What a lost, refused, timed-out or administratively ended connection raises
+(OperatorInterventionError: the server shutting down, or cannot connect now)."""
 CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 30.0
+"""A statement that has not answered by then counts as a lost connection."""
+SETTINGS = {"idle_in_transaction_session_timeout": "5000"}
+"""A coordinator stalled inside a transaction (SIGSTOP between the fence check and the
+commit) would hold the lease row against a standby's takeover: the server ends such a
+session after 5 s."""
 SCHEMA_LOCK = 0x6C6F636B  # "lock": the advisory lock that migrations take
 
 
@@ -55,9 +62,14 @@ class PostgresDb(Db):
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._tx = None
+            if self._tx is not None:  # that transaction died with its connection
+                self._tx = None
+                self._ends(lost=True)
             try:
-                self._conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+                self._conn = await asyncpg.connect(
+                    self.url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
+                    server_settings=SETTINGS,
+                )  # fmt: skip
             except LOST as e:
                 raise StoreUnavailable(f"PostgreSQL: {e}") from e
         return self._conn
@@ -70,14 +82,18 @@ class PostgresDb(Db):
                 if write and self._tx is None:
                     self._tx = conn.transaction()
                     await self._tx.start()
-                return await call(conn)
+                result = await call(conn)
             except LOST as e:
-                self._tx = None
+                if self._tx is not None:
+                    self._tx = None
+                    self._ends(lost=True)
                 await _close(conn)
                 raise StoreUnavailable(f"PostgreSQL: {e}") from e
             except BaseException:
                 await self._rollback(conn)
                 raise
+            self._joins(self._tx is not None)
+            return result
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         text = translate(sql)
@@ -99,12 +115,29 @@ class PostgresDb(Db):
         return self._tx is not None
 
     async def _commit(self) -> None:
-        async def commit(_: asyncpg.Connection) -> None:
-            tx, self._tx = self._tx, None
-            if tx is not None:
-                await tx.commit()
+        await self._run(False, self._end)
 
-        await self._run(False, commit)
+    async def _fenced_commit(self) -> None:
+        """The epoch check and the commit in one go: no other call between them."""
+
+        async def check_and_commit(conn: asyncpg.Connection) -> None:
+            if self.epoch is not None:
+                row = await conn.fetchrow(self.fence_sql)
+                held = None if row is None else row["epoch"]
+                if held != self.epoch:
+                    raise Fenced(self.epoch, held)  # rolled back by _run
+            await self._end(conn)
+
+        try:
+            await self._run(False, check_and_commit)
+        except Fenced as e:
+            self._refused(e.held)
+
+    async def _end(self, _: asyncpg.Connection) -> None:
+        tx, self._tx = self._tx, None
+        if tx is not None:
+            await tx.commit()
+            self._ends(lost=False)
 
     async def rollback(self) -> None:
         async with self._lock:
@@ -113,7 +146,10 @@ class PostgresDb(Db):
 
     async def _rollback(self, conn: asyncpg.Connection) -> None:
         tx, self._tx = self._tx, None
-        if tx is not None and not conn.is_closed():
+        if tx is None:
+            return
+        self._ends(lost=True)
+        if not conn.is_closed():
             try:
                 await tx.rollback()
             except LOST:
@@ -137,17 +173,23 @@ async def _close(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-_MAX2 = re.compile(r"\bMAX\(([^(),]+),([^(),]+)\)")
+_MAX2 = re.compile(r"\bMAX\(([^(),]+),([^(),]+)\)", re.IGNORECASE)
 _IGNORE = re.compile(r"^\s*INSERT OR IGNORE INTO", re.IGNORECASE)
+_RETURNING = re.compile(r"\s+RETURNING\s", re.IGNORECASE)
 
 
 @lru_cache(maxsize=512)
 def translate(sql: str) -> str:
     """SQLite's spelling of `sql` in PostgreSQL's: `$n` placeholders, GREATEST for a
-    two-argument MAX, `ON CONFLICT DO NOTHING` for INSERT OR IGNORE. Pure."""
+    two-argument MAX of plain arguments (GREATEST ignores a NULL where SQLite's MAX
+    returns NULL: the store never passes one), `ON CONFLICT DO NOTHING` for INSERT OR
+    IGNORE (before a RETURNING clause). Pure."""
     text = _MAX2.sub(r"GREATEST(\1,\2)", sql)
     if _IGNORE.match(text):
-        text = _IGNORE.sub("INSERT INTO", text) + " ON CONFLICT DO NOTHING"
+        text = _IGNORE.sub("INSERT INTO", text)
+        found = _RETURNING.search(text)
+        at = found.start() if found else len(text.rstrip().rstrip(";"))
+        text = f"{text[:at]} ON CONFLICT DO NOTHING{text[at:]}"
     out, n, quoted = [], 0, False
     for ch in text:
         if ch == "'":

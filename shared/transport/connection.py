@@ -124,13 +124,15 @@ class Link:
             raise BrokerUnavailable("not connected")
         return self._publish_channel
 
-    async def renew_channel(self) -> None:
+    async def renew_channel(self, nacked: AbstractChannel) -> None:
         """Replace the publish channel with a fresh one (after a nack). Seen on RabbitMQ
         3.10.8 in a three-node cluster: after the node holding an agent queue's leader
         was killed, the coordinator's channel had every publish to that queue nacked for
         90 s, though the queue had a new leader within 20 s and a new connection's
         publishes to it were confirmed."""
         old = self._publish_channel
+        if old is not nacked:
+            return  # renewed already, by another publish nacked on the same channel
         self._publish_channel = await self.connection_or_fail().channel(
             publisher_confirms=True, on_return_raises=True
         )

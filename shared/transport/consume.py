@@ -196,7 +196,14 @@ class Consumer:
             await self._reject(message, f"handler failed: {e!r}", auto_ack=auto_ack)
             return
         if reply is not None and message.reply_to:
-            await self._publisher.reply(message.reply_to, message.correlation_id, reply)
+            try:
+                await self._publisher.reply(message.reply_to, message.correlation_id, reply)
+            except TransientError as e:  # not answered (fenced, no broker): handled again
+                self._log.warning("consume.reply_failed", error=str(e),
+                                  message_id=message.message_id)  # fmt: skip
+                if not auto_ack:
+                    await message.nack(requeue=True)
+                return
         if not auto_ack:
             await message.ack()
         metrics.HANDLED.labels(envelope.kind).inc()

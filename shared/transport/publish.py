@@ -97,9 +97,10 @@ class Publisher:
         self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
     ) -> None:
         """Publish `message` once and wait for its confirm; library errors translated."""
+        link = self._link
+        channel = link.channel
         try:
-            link = self._link
-            target = await link.exchange(exchange) if exchange else link.channel.default_exchange
+            target = await link.exchange(exchange) if exchange else channel.default_exchange
             await target.publish(
                 message,
                 routing_key,
@@ -110,7 +111,7 @@ class Publisher:
             raise Unroutable(f"no queue for {exchange}/{routing_key}") from e
         except aiormq.exceptions.DeliveryError as e:  # nacked: retried on a fresh channel
             with contextlib.suppress(*BROKER_ERRORS, BrokerUnavailable):
-                await self._link.renew_channel()
+                await link.renew_channel(channel)
             raise BrokerUnavailable(f"publish to {exchange}/{routing_key} nacked: {e!r}") from e
         except ChannelNotFoundEntity as e:
             raise Unroutable(f"no exchange {exchange}") from e

@@ -333,8 +333,10 @@ def test_definitions_json_users_permissions_and_topology_equal_shared_topology()
 
     exchanges = {(e["name"], e["type"], e["durable"]) for e in _items(defs, "exchanges")}
     assert exchanges == {(e.name, e.type, True) for e in topology.EXCHANGES}
-    queues = [topology.coordinator_queue(), topology.heartbeats_queue(), topology.dead_queue()]
+    queues = [topology.coordinator_queue(), topology.dead_queue()]
     queues += [topology.agent_queue(h) for h in hosts]
+    # not the heartbeat queue: not durable, the coordinator declares it wherever it is
+    assert not topology.heartbeats_queue().durable
     declared = {q["name"]: q["arguments"] for q in _items(defs, "queues")}
     assert declared == {q.name: q.declare_arguments() for q in queues}
     bindings = {(b["source"], b["destination"], b["routing_key"]) for b in _items(defs, "bindings")}

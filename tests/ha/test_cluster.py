@@ -17,7 +17,8 @@ import pytest
 
 from shared import topology
 from shared.config import BrokerSettings
-from shared.transport import Broker
+from shared.messages import QueryRequest, make
+from shared.transport import Broker, Delivery
 from tests.e2e.fleet import Fleet
 from tests.faults.invariants import check, settled
 from tests.faults.test_protocol import V1, V2, baseline
@@ -66,22 +67,33 @@ def test_a_connection_given_every_node_starts_at_one_that_is_up_and_moves_on_whe
     rabbit_cluster: Cluster,
 ) -> None:
     """LOCKSTEP_AMQP_URL as a list: the first node is down, so the connection goes to the
-    second; that one is killed, and it reconnects to the third, consumers restored."""
-    with rabbit_cluster.vhost("urls") as vhost, _down(rabbit_cluster, 1):
-        urls = rabbit_cluster.urls(vhost)
-        asyncio.run(_moves_on(rabbit_cluster, urls))
+    second; node 1 comes back, node 2 is killed, and the connection moves to the third
+    (two of three nodes up: the quorum queues keep a majority), where its consumer is
+    restored and gets what is published."""
+    with rabbit_cluster.vhost("urls") as vhost:
+        asyncio.run(_moves_on(rabbit_cluster, rabbit_cluster.urls(vhost)))
 
 
 async def _moves_on(cluster: Cluster, urls: str) -> None:
     broker = Broker(BrokerSettings(amqp_url=urls, connect_timeout=5), "test:cluster-urls")
-    await broker.connect()
+    with _down(cluster, 1):
+        await broker.connect()
     try:
-        node = broker._link.connection_or_fail()
-        assert node.url.port == cluster.port(2)  # type: ignore[attr-defined]
+        connection = broker._link.connection_or_fail()
+        assert connection.url.port == cluster.port(2)  # type: ignore[attr-defined]
         await broker.declare(topology.coordinator_queue())  # quorum: on all three nodes
+        got: asyncio.Queue[str] = asyncio.Queue()
+
+        async def handler(delivery: Delivery) -> None:
+            got.put_nowait(delivery.envelope.kind)
+
+        await broker.consume(topology.COORDINATOR_QUEUE, handler)
         with _down(cluster, 2):
-            await asyncio.wait_for(_reconnected(node, cluster.port(3)), 30)
-            await broker.declare(topology.coordinator_queue())  # usable again
+            await asyncio.wait_for(_reconnected(connection, cluster.port(3)), 30)
+            await broker.publish(
+                topology.REQUESTS, "query", make(QueryRequest(what="status"), "test")
+            )
+            assert await asyncio.wait_for(got.get(), 30) == "query"  # consumer restored
     finally:
         await broker.close()
 

@@ -1,6 +1,6 @@
 """Soak: M deployments against real processes while injecting random faults.
 
-    .venv/bin/python -m tests.perf.soak --deployments 100 --fault-rate 0.6 --seed 7
+    .venv/bin/python -m tests.perf.soak --deployments 100 --fault-rate 0.6 --seed 7 [--ha]
 
 A real coordinator and three real agents run in a vhost of their own. Each round asks
 for the other of two good releases (now and then a bad one, whose health check fails
@@ -9,6 +9,14 @@ fault suite: coordinator or agent SIGKILL at a named protocol point, an agent SI
 longer than the prepare timeout, a broker restart or all connections closed mid-flight,
 or a command and a report delivered twice (real ones, captured from the round's own
 traffic by a tap queue and replayed as they are: signed messages cannot be forged).
+
+With `--ha` (issue 10) the coordinators are two, an active one and a standby, on a
+PostgreSQL server of the soak's own (pg_ctl), and the broker is a three-node cluster
+(deploy/rabbitmq-cluster.sh) with quorum queues; the faults are then those that
+concern the fleet's own processes (agent kills and stops, duplicates) and the new
+ones: the active coordinator SIGKILLed mid-flight (the standby takes over, and a new
+standby is started), a broker node SIGKILLed (started again after the round), and
+PostgreSQL stopped at once and started again.
 After every round it checks the invariants
 against each service's /version and the coordinator, then prints
 
@@ -22,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
@@ -37,7 +48,9 @@ from shared import signing, topology
 from shared.messages import decode
 from tests.e2e.fleet import Fleet
 from tests.e2e.test_core import PAY, PLACES, WEB
-from tests.support.procs import Procs, wait_until
+from tests.support import postgres
+from tests.support.cluster import Cluster, cluster
+from tests.support.procs import Procs, kill_group, wait_until
 from tests.support.rabbit import publish_raw, rabbitmqctl, vhost
 
 GOOD = [{"orders": "1.0.0", "payments": "1.0.0"}, {"orders": "2.0.0", "payments": "2.0.0"}]
@@ -48,11 +61,29 @@ FAULTS = [
     "agent.voted", "agent.switched", "agent.sigstop", "broker.restart",
     "broker.close_connections", "duplicate.command", "duplicate.report",
 ]  # fmt: skip
+HA_FAULTS = [
+    "ha.failover", "ha.node_kill", "ha.postgres_restart", "agent.voted",
+    "agent.switched", "agent.sigstop", "duplicate.command", "duplicate.report",
+]  # fmt: skip
+
+
+@dataclass
+class HA:
+    """What `--ha` adds: the cluster, the store's server, the coordinators started."""
+
+    cluster: Cluster
+    server: postgres.Server
+    coordinators: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    down: int | None = None
+    """A node killed this round, started again once the round is checked."""
 
 
 class Soak:
-    def __init__(self, fleet: Fleet, amqp_url: str, rng: random.Random) -> None:
-        self.fleet, self.amqp_url, self.rng = fleet, amqp_url, rng
+    def __init__(
+        self, fleet: Fleet, amqp_url: str, rng: random.Random, ha: HA | None = None
+    ) -> None:
+        self.fleet, self.amqp_url, self.rng, self.ha = fleet, amqp_url, rng, ha
+        self.faults_to_draw = HA_FAULTS if ha else FAULTS
         self.current = GOOD[0]
         self.deployments = self.faults = self.violations = self.lost = self.duplicates = 0
         self.last_id = ""
@@ -74,7 +105,7 @@ class Soak:
 
     def round(self, index: int, fault_rate: float) -> None:
         target = BAD if index % 9 == 8 else GOOD[1] if self.current == GOOD[0] else GOOD[0]
-        fault = self.rng.choice(FAULTS) if self.rng.random() < fault_rate else None
+        fault = self.rng.choice(self.faults_to_draw) if self.rng.random() < fault_rate else None
         if fault:
             self.faults += 1
         start = dict(self.current)
@@ -86,13 +117,24 @@ class Soak:
         row = self._settled(deployment_id)
         if row is None:
             self.lost += 1
+            self._restore()
             return
         ok = row["state"] == "completed"
         self.current = dict(target) if ok else start
         self.violations += self._check()
         self.duplicates += self._duplicates(deployment_id)
         self.last_id = deployment_id
+        self._restore()
         print(f"round {index + 1}: {row['state']:<11} fault={fault or '-'}", flush=True)
+
+    def summary(self) -> str:
+        return (f"deployments {self.deployments}, faults {self.faults}, invariant violations "
+                f"{self.violations}, lost requests {self.lost}, duplicate effects "
+                f"{self.duplicates}")  # fmt: skip
+
+    @property
+    def passed(self) -> bool:
+        return self.violations == self.lost == self.duplicates == 0
 
     def _run(self, target: dict[str, str], fault: str | None) -> str:
         f = self.fleet
@@ -133,6 +175,15 @@ class Soak:
             rabbitmqctl("await_startup")
         elif fault == "broker.close_connections":
             rabbitmqctl("close_all_connections", "soak")
+        elif fault == "ha.failover":
+            self._failover()
+        elif fault == "ha.node_kill":
+            assert self.ha is not None
+            self.ha.down = self.rng.choice([1, 2, 3])
+            self.ha.cluster.kill(self.ha.down)
+        elif fault == "ha.postgres_restart":
+            assert self.ha is not None
+            self.ha.server.restart()
         elif fault in ("duplicate.command", "duplicate.report") and deployment_id:
             exchange, key = (
                 (topology.COMMANDS, topology.host_key("host-a"))
@@ -142,6 +193,25 @@ class Soak:
             captured = wait_until(lambda: self._captured(exchange, deployment_id), 30,
                                   f"a {fault} of {deployment_id} to replay")  # fmt: skip
             asyncio.run(publish_raw(self.amqp_url, exchange, key, captured[:1] * 2))
+
+    def _failover(self) -> None:
+        """SIGKILL the active coordinator (the standby takes over); start a new standby."""
+        assert self.ha is not None
+        status = wait_until(lambda: (r := self.fleet.cli("status", "--json")).code == 0 and r,
+                            60, "a coordinator to answer")  # fmt: skip
+        active = (status.doc.get("coordinator") or {}).get("pid")
+        for proc in self.ha.coordinators:
+            if proc.pid == active:
+                kill_group(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        self.ha.coordinators = [p for p in self.ha.coordinators if p.poll() is None]
+        start_standby(self.fleet, self.ha)
+
+    def _restore(self) -> None:
+        """Start again the broker node a fault killed this round."""
+        if self.ha is not None and self.ha.down is not None:
+            self.ha.cluster.revive(self.ha.down)
+            self.ha.down = None
 
     def _captured(self, exchange: str, deployment_id: str) -> list[bytes]:
         """The messages of `deployment_id` the tap saw on `exchange`, as they were sent."""
@@ -210,12 +280,13 @@ class Soak:
 TAP = "soak.tap"
 
 
-async def _tap(amqp_url: str) -> None:
+async def _tap(amqp_url: str, quorum: bool) -> None:
     """A queue of the soak's own that sees host-a's commands and every report."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(TAP, durable=True)
+        arguments = {"x-queue-type": "quorum"} if quorum else None
+        queue = await channel.declare_queue(TAP, durable=True, arguments=arguments)
         await queue.bind(topology.COMMANDS, topology.host_key("host-a"))
         await queue.bind(topology.REPORTS, topology.REPORTS_KEY)
 
@@ -232,36 +303,66 @@ async def _drain(amqp_url: str) -> list[tuple[str, bytes]]:
     return found
 
 
+def start_standby(fleet: Fleet, ha: HA) -> None:
+    """One more coordinator on the shared store; it waits until it holds the lease."""
+    active = fleet.coordinator
+    proc = fleet.start_coordinator(log=f"coordinator-{len(ha.coordinators) + 1}.log", wait=False)
+    fleet.coordinator = active or proc
+    ha.coordinators.append(proc)
+
+
+def run(deployments: int, fault_rate: float, seed: int, ha: bool) -> Soak:
+    """The soak, from setup to the last round; every process and node it started is
+    stopped, and its vhost, cluster and PostgreSQL server removed, however it ends."""
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lockstep-soak-")))
+        procs = Procs(root)
+        extra: HA | None = None
+        if ha:
+            nodes = stack.enter_context(cluster(root / "cluster"))
+            server = stack.enter_context(postgres.private_server())
+            amqp_url = nodes.urls(stack.enter_context(nodes.vhost("soak")))
+            extra = HA(nodes, server)
+        else:
+            amqp_url = stack.enter_context(vhost("soak"))
+        stack.callback(procs.stop_all)  # first on the way out: before the broker and store
+        signing.write_pair(root / "keys", "coordinator", signing.generate())
+        env = dict(os.environ, LOCKSTEP_AMQP_URL=amqp_url, LOCKSTEP_HEARTBEAT_INTERVAL="0.5",
+                   LOCKSTEP_COORDINATOR_KEY=str(root / "keys" / signing.COORDINATOR_PUB),
+                   LOCKSTEP_AGENT_USERS="shared", PYTHONUNBUFFERED="1")  # fmt: skip
+        fleet = Fleet(root, env, procs)
+        if extra is not None:
+            fleet.db = extra.server.url
+            fleet.start_coordinator(log="coordinator-0.log")
+            assert fleet.coordinator is not None
+            extra.coordinators.append(fleet.coordinator)
+            start_standby(fleet, extra)
+        else:
+            fleet.start_coordinator()
+        asyncio.run(_tap(amqp_url.split(",")[0], quorum=ha))
+        soak = Soak(fleet, amqp_url.split(",")[0], random.Random(seed), extra)
+        soak.setup()
+        for index in range(deployments):
+            soak.round(index, fault_rate)
+        return soak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deployments", type=int, default=100)
     parser.add_argument("--fault-rate", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--ha",
+        action="store_true",
+        help="two coordinators on PostgreSQL, a three-node broker cluster",
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="lockstep-soak-") as tmp, vhost("soak") as amqp_url:
-        root = Path(tmp)
-        procs = Procs(root)
-        signing.write_pair(root / "keys", "coordinator", signing.generate())
-        env = dict(os.environ, LOCKSTEP_AMQP_URL=amqp_url, LOCKSTEP_HEARTBEAT_INTERVAL="0.5",
-                   LOCKSTEP_COORDINATOR_KEY=str(root / "keys" / signing.COORDINATOR_PUB),
-                   LOCKSTEP_AGENT_USERS="shared", PYTHONUNBUFFERED="1")  # fmt: skip
-        try:
-            fleet = Fleet(root, env, procs)
-            fleet.start_coordinator()
-            asyncio.run(_tap(amqp_url))
-            soak = Soak(fleet, amqp_url, random.Random(args.seed))
-            soak.setup()
-            for index in range(args.deployments):
-                soak.round(index, args.fault_rate)
-        finally:
-            procs.stop_all()
-    print(
-        f"deployments {soak.deployments}, faults {soak.faults}, invariant violations "
-        f"{soak.violations}, lost requests {soak.lost}, duplicate effects {soak.duplicates}"
-    )
+    soak = run(args.deployments, args.fault_rate, args.seed, args.ha)
+    print(soak.summary())
     print(f"elapsed {time.monotonic() - started:.0f} s, seed {args.seed}")
-    return 0 if soak.violations == soak.lost == soak.duplicates == 0 else 1
+    return 0 if soak.passed else 1
 
 
 if __name__ == "__main__":

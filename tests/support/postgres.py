@@ -1,4 +1,5 @@
-"""A PostgreSQL database per test session and a schema per test, made and dropped.
+"""A PostgreSQL database per test session and a schema per test, made and dropped;
+and a private PostgreSQL server for a test that restarts it.
 
 The machine's PostgreSQL (127.0.0.1:5432, trust auth) holds one database per test
 session (`session_database`), dropped at the end; each test that asks gets a schema of
@@ -10,11 +11,18 @@ given the URL (a coordinator, its standby) sees the same ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
@@ -71,3 +79,68 @@ def schema_now(database_url: str, label: str) -> Iterator[str]:
 
 def _schema_name(label: str) -> str:
     return f"t_{label[:30].lower().replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Server:
+    """A PostgreSQL server of a test's own (`private_server`): restart it at will."""
+
+    data: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def ctl(self, *args: str) -> None:
+        _as_postgres([_bin("pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args])
+
+    def restart(self) -> None:
+        """Stop at once (no clean shutdown: connections are cut, as in a crash) and
+        start again."""
+        self.ctl("-m", "immediate", "stop")
+        self.start()
+
+    def start(self) -> None:
+        self.ctl("-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1",
+                 "-l", str(self.data / "server.log"), "start")  # fmt: skip
+
+
+@contextmanager
+def private_server() -> Iterator[Server]:
+    """initdb in a temp dir of its own (owned by the postgres user: PostgreSQL refuses to
+    run as root, and a test's tmp_path is closed to other users), trust auth on
+    127.0.0.1, a free port; stopped and removed afterwards."""
+    data = Path(tempfile.mkdtemp(prefix="lockstep-pg-"))
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres")
+        _as_postgres([_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"])
+        server = Server(data, _free_port())
+        server.start()
+        try:
+            yield server
+        finally:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                server.ctl("-m", "immediate", "stop")
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _as_postgres(command: list[str]) -> None:
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
+
+
+def _bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        raise RuntimeError(f"no PostgreSQL {name} under /usr/lib/postgresql")
+    return str(found[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

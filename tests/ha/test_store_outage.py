@@ -1,0 +1,82 @@
+"""Issue 10: PostgreSQL restarted mid-deployment; the coordinator loses no decision.
+
+The coordinator's store is a PostgreSQL server of the test's own (`private_server`,
+started with pg_ctl in a temp dir), so the test can stop it without touching the
+machine's shared one. It is stopped at once (`-m immediate`: connections cut, as in
+a crash) mid-commit, kept down until the coordinator has stepped down for want of its
+store, and started again: the deployment must end as the protocol says, with SPEC
+6.4's invariants I1-I5 holding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+from tests.faults.invariants import check, settled
+from tests.faults.test_protocol import V1, V2, baseline
+from tests.ha.conftest import logged
+from tests.support import postgres
+from tests.support.procs import Procs, wait_until
+
+pytestmark = [pytest.mark.ha, pytest.mark.e2e]
+
+PLACES = (("host-a", "payments"), ("host-b", "orders"), ("host-c", "orders"))
+
+
+@pytest.fixture
+def pg_fleet(
+    tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]
+) -> Iterator[tuple[Fleet, postgres.Server]]:
+    with postgres.private_server() as server:
+        fleet = Fleet(tmp_path, lockstep_env, procs)
+        fleet.db = server.url
+        try:
+            fleet.start_coordinator()
+            for host, labels in (("host-a", {"pay": "yes"}), ("host-b", {"web": "yes"}),
+                                 ("host-c", {"pay": "yes", "web": "yes"})):  # fmt: skip
+                fleet.add_host(host, **labels)
+            fleet.wait_alive("host-a", "host-b", "host-c")
+            yield fleet, server
+        finally:
+            procs.stop_all()
+
+
+def test_postgresql_restarted_mid_commit_the_coordinator_loses_no_decision(
+    pg_fleet: tuple[Fleet, postgres.Server],
+) -> None:
+    fleet, server = pg_fleet
+    baseline(fleet)
+    sent = fleet.cli("deploy", "orders=2.0.0", "payments=2.0.0", "--max-parallel", "1", "--json")
+    assert sent.code == 0, sent.stdout + sent.stderr
+    wait_until(lambda: any(fleet.http_version(h, s) == "2.0.0" for h, s in PLACES), 60,
+               "a first host to switch (mid-commit: the decision is on record)")  # fmt: skip
+    server.ctl("-m", "immediate", "stop")
+    try:
+        logged(fleet, "coordinator.log", "lease.store_lost")  # it stepped down
+    finally:
+        server.start()
+    logged(fleet, "coordinator.log", 'coordinator.started"', timeout=30)
+    row = settled(fleet, sent.doc["deployment_id"])
+    assert row["state"] == "completed", row
+    check(fleet, row, V1, V2)
+    log = (fleet.root / "coordinator.log").read_text()
+    assert log.count('"coordinator.started"') == 2  # started again, from the store
+
+
+def test_a_brief_postgresql_restart_is_ridden_out(pg_fleet: tuple[Fleet, postgres.Server]) -> None:
+    """Cut and back within a lease: the writes that failed are retried (their
+    deliveries requeued), and the deployment completes."""
+    fleet, server = pg_fleet
+    baseline(fleet)
+    sent = fleet.cli("deploy", "orders=2.0.0", "payments=2.0.0", "--max-parallel", "1", "--json")
+    assert sent.code == 0, sent.stdout + sent.stderr
+    wait_until(lambda: any(fleet.http_version(h, s) == "2.0.0" for h, s in PLACES), 60,
+               "a first host to switch")  # fmt: skip
+    server.restart()
+    row = settled(fleet, sent.doc["deployment_id"])
+    assert row["state"] == "completed", row
+    check(fleet, row, V1, V2)
