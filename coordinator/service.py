@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import socket
@@ -63,7 +64,7 @@ from shared.messages import (
     Vote,
 )
 from shared.tasks import TaskGroup
-from shared.transport import Broker, Delivery
+from shared.transport import Broker, Delivery, cluster
 
 CONCURRENT = 64
 """Deliveries handled at once: reports of one deployment that arrive together are then
@@ -89,6 +90,11 @@ class Coordinator:
         self.leadership = leadership
         gate = leadership.confirm if leadership is not None else None
         name = f"coordinator:{socket.gethostname()}:{os.getpid()}"  # also the envelopes' sender
+        if leadership is not None:  # a stalled one's connection, and its consumer, go soon
+            beat = str(max(5, math.ceil(2 * settings.lease_ttl)))
+            broker = broker.model_copy(
+                update={"amqp_url": cluster.with_default(broker.amqp_url, "heartbeat", beat)}
+            )
         self.broker = Broker(broker, name, signer=signing.Signer(key), gate=gate)
         self._queue_type = broker.agent_queue_type
         self._tasks = TaskGroup("coordinator")

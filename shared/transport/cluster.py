@@ -27,6 +27,14 @@ def split(urls: str) -> list[str]:
     return [u.strip() for u in urls.split(",") if u.strip()]
 
 
+def with_default(urls: str, key: str, value: str) -> str:
+    """`urls` with the query parameter `key=value` on each that does not set `key`."""
+    return ",".join(
+        str(url) if key in (url := URL(u)).query else str(url.update_query({key: value}))
+        for u in split(urls)
+    )
+
+
 class ClusterConnection(aio_pika.RobustConnection):
     """aio-pika's robust connection over the nodes `urls`, from `urls[first]` on."""
 
