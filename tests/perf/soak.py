@@ -186,7 +186,7 @@ class Soak:
             self.ha.server.restart()
         elif fault in ("duplicate.command", "duplicate.report") and deployment_id:
             exchange, key = (
-                (topology.COMMANDS, topology.host_key("host-a"))
+                (topology.COMMANDS, topology.host_key(TAPPED))
                 if fault == "duplicate.command"
                 else (topology.REPORTS, topology.REPORTS_KEY)
             )
@@ -278,16 +278,20 @@ class Soak:
 
 
 TAP = "soak.tap"
+TAPPED = "host-c"
+"""The host whose commands are tapped (and replayed): it runs both services, so it
+takes part in every deployment (host-a runs payments only, which the bad release does
+not change: a round with it had no command to replay)."""
 
 
 async def _tap(amqp_url: str, quorum: bool) -> None:
-    """A queue of the soak's own that sees host-a's commands and every report."""
+    """A queue of the soak's own that sees TAPPED's commands and every report."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
         arguments = {"x-queue-type": "quorum"} if quorum else None
         queue = await channel.declare_queue(TAP, durable=True, arguments=arguments)
-        await queue.bind(topology.COMMANDS, topology.host_key("host-a"))
+        await queue.bind(topology.COMMANDS, topology.host_key(TAPPED))
         await queue.bind(topology.REPORTS, topology.REPORTS_KEY)
 
 
