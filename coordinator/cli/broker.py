@@ -79,11 +79,15 @@ def _user_doc(api: Management, amqp_url: str, user: str) -> dict[str, Any]:
     }
 
 
-def setup(api: Management, amqp_url: str) -> dict[str, Any]:
-    """Declare the topology, create the role users; the document `setup --json` prints."""
+def setup(
+    api: Management, amqp_url: str, queue_type: topology.QueueType = "classic"
+) -> dict[str, Any]:
+    """Declare the topology, create the role users; the document `setup --json` prints.
+    `queue_type`: the agents' (the dead-letter queue is made of the same type)."""
     for exchange in topology.EXCHANGES:
         api.declare_exchange(exchange)
-    queues = (topology.dead_queue(), topology.coordinator_queue(), topology.heartbeats_queue())
+    queues = (topology.dead_queue(queue_type), topology.coordinator_queue(),
+              topology.heartbeats_queue())  # fmt: skip
     for queue in queues:
         api.declare_queue(queue)
     return {
@@ -182,7 +186,8 @@ def _render_agent(doc: dict[str, Any]) -> str:
 @broker_app.command("setup")
 def setup_command(management_url: ManagementUrl = None, as_json: Json = False) -> None:
     """Declare the topology and create the coordinator, operator and alerts users."""
-    _run(lambda api, s: setup(api, s.amqp_url), management_url, as_json, _render_setup)
+    _run(lambda api, s: setup(api, s.amqp_url, s.agent_queue_type), management_url, as_json,
+         _render_setup)  # fmt: skip
 
 
 @broker_app.command("add-agent")

@@ -208,7 +208,11 @@ class SqliteDb(Db):
         return self._db.in_transaction
 
     async def _commit(self) -> None:
-        await self._db.commit()
+        try:
+            await self._db.commit()
+        except Exception as e:
+            await self.rollback()
+            raise _translated(e) from e
         self._ends(lost=False)
 
     async def rollback(self) -> None:

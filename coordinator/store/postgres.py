@@ -135,9 +135,14 @@ class PostgresDb(Db):
 
     async def _end(self, _: asyncpg.Connection) -> None:
         tx, self._tx = self._tx, None
-        if tx is not None:
+        if tx is None:
+            return
+        try:
             await tx.commit()
-            self._ends(lost=False)
+        except BaseException:  # perhaps committed, perhaps not: its writers are told
+            self._ends(lost=True)
+            raise
+        self._ends(lost=False)
 
     async def rollback(self) -> None:
         async with self._lock:
