@@ -88,7 +88,7 @@ class Leadership:
         sent = time.monotonic()
         try:
             held = await self.store.renew_lease(self.epoch, self.holder, self.ttl)
-        except StoreUnavailable as e:  # not renewed: trusted a while longer, then not
+        except Exception as e:  # not renewed (store away or failing): trusted a while, not more
             self._log.warning("lease.store_unavailable", error=str(e))
             if time.monotonic() > self._trusted_until:
                 # The store has been gone for a lease's length: step down, and start
@@ -131,6 +131,8 @@ class Leadership:
         expire. Only after the coordinator stopped: nothing of this one writes after."""
         if self.epoch is None or self._lost.is_set():
             return
+        self._lost.set()  # nothing of this one may publish from here on
+        self._trusted_until = 0.0
         try:
             await self.store.release_lease(self.epoch, self.holder)
         except StoreUnavailable as e:

@@ -19,7 +19,6 @@ lease is lost (and waits again).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import re
@@ -234,8 +233,12 @@ async def serve(
                 log_.warning("coordinator.start_abandoned", error=str(e))
             finally:
                 holding.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await holding
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # it must not keep this one from stopping
+                    log_.exception("lease.hold_failed")
                 await coordinator.stop()
     finally:
         await leadership.release()

@@ -17,8 +17,8 @@ from coordinator import machine
 from coordinator.store import Store
 from coordinator.store.base import VERSION
 from coordinator.store.postgres import translate
-from shared.errors import Fenced, StoreUnavailable, UserError
-from shared.specs import Strategy
+from shared.errors import Fenced, UserError
+from shared.specs import HealthSpec, ServiceVersion, Strategy
 from tests.support.stores import behind
 
 
@@ -57,37 +57,33 @@ async def test_a_store_newer_than_this_code_is_refused_and_left_as_it_was(
     await store.close()
 
 
-async def test_a_failed_statement_takes_its_whole_transaction_with_it(
+async def test_a_method_that_fails_half_way_leaves_nothing_and_others_are_untouched(
     store_at: str | Path,
 ) -> None:
-    """Another coroutine's writes in the same transaction go with it, and that coroutine
-    is told so at its commit (it never "commits" what was rolled back)."""
+    """Each store method is one transaction, alone on the connection: one that fails
+    after writing leaves none of it, and the writes of another method running at the
+    same time are neither lost nor committed half-way."""
     store = await Store.open(store_at)
     try:
-        queued = machine.queued("d1", Strategy())
         args = {"deployment_id": "d1", "request_id": "r1", "trigger": "operator",
                 "kind": "deploy", "target": {"web": "1.0.0"}, "request": {},
-                "locks": ["web"], "machine": queued}  # fmt: skip
+                "locks": ["web"], "machine": machine.queued("d1", Strategy())}  # fmt: skip
         await store.queue_deployment(**args)
-        wrote, failed = asyncio.Event(), asyncio.Event()
-
-        async def victim() -> None:  # writes, then commits after the other one failed
-            await store._db.execute(
-                "INSERT INTO releases (services, state, created_at) VALUES ('{}', 'good', 0)"
-            )
-            wrote.set()
-            await failed.wait()
-            await store._db.commit()
-
-        committing = asyncio.create_task(victim())
-        await wrote.wait()
-        with pytest.raises(Exception, match=r"(?i)unique"):
-            await store.queue_deployment(**{**args, "deployment_id": "d2"})  # same request id
-        failed.set()
-        with pytest.raises(StoreUnavailable, match="rolled back"):
-            await committing
-        assert not store._db.in_transaction
-        assert await store.releases() == []  # the victim's write is gone, and it knows
+        spec = ServiceVersion(name="web", version="1.0.0", artifact="file:///srv/web",
+                              run="true", health=HealthSpec(exec="true"))  # fmt: skip
+        duplicate = store.queue_deployment(**{**args, "deployment_id": "d2"})  # same request
+        registered, failed = await asyncio.gather(store.register([spec]), duplicate,
+                                                  return_exceptions=True)  # fmt: skip
+        assert not isinstance(registered, BaseException), registered
+        assert isinstance(failed, Exception)
+        assert "unique" in str(failed).lower()
+        assert list(await store.catalog()) == [("web", "1.0.0")]
+        with pytest.raises(IndexError):  # a release is written, then the deployment is missing
+            await store.start_deployment(
+                deployment_id="nope", target={"web": "1.0.0"}, from_release_id=None,
+                release_id=None, plan={}, machine=machine.queued("nope", Strategy()),
+            )  # fmt: skip
+        assert await store.releases() == []  # the release went with the rest
         assert [r.id for r in await store.in_flight()] == ["d1"]
     finally:
         await store.close()

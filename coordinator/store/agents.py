@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from coordinator.records import AgentRecord
-from coordinator.store.base import Table
+from coordinator.store.base import Table, transaction
 from coordinator.trust import KnownKey
 from shared.messages import ServiceState
 
@@ -22,6 +22,7 @@ class AgentTable(Table):
         rows = await self._rows("SELECT host_id FROM agents WHERE key_state = 'approved'")
         return {r["host_id"] for r in rows}
 
+    @transaction
     async def agent_seen(
         self,
         host_id: str,
@@ -47,10 +48,10 @@ class AgentTable(Table):
             "reported_at = MAX(agents.reported_at, excluded.reported_at)",
             host_id, json.dumps(labels or {}), json.dumps(services), now, now, sent_at,
         )  # fmt: skip
-        await self._db.commit()
         self.agents_changed += 1
         return not rows
 
+    @transaction
     async def agent_service(
         self, host_id: str, service: str, version: str | None, health: str, sent_at: float
     ) -> None:
@@ -69,9 +70,9 @@ class AgentTable(Table):
             sent_at,
             host_id,
         )
-        await self._db.commit()
         self.agents_changed += 1
 
+    @transaction
     async def save_liveness(
         self, seen: dict[str, tuple[float, float | None]],
         views: dict[str, tuple[float, list[dict[str, Any]], dict[str, str] | None]],
@@ -91,7 +92,6 @@ class AgentTable(Table):
             [(json.dumps(services), None if labels is None else json.dumps(labels), at, host, at)
              for host, (at, services, labels) in views.items()],
         )  # fmt: skip
-        await self._db.commit()
 
     async def agents(self, *, approved_only: bool = True) -> list[AgentRecord]:
         """The agents whose keys are approved (every enrolled one with `approved_only`
@@ -122,6 +122,7 @@ class AgentTable(Table):
             return None  # recorded before keys existed: it enrolls with its first key
         return KnownKey(host_id, rows[0]["public_key"], rows[0]["key_state"])
 
+    @transaction
     async def enroll(
         self, host_id: str, public_key: str, labels: dict[str, str], key_state: str
     ) -> None:
@@ -135,23 +136,23 @@ class AgentTable(Table):
             " WHERE agents.public_key = ''",
             host_id, json.dumps(labels), now, now, public_key, key_state,
         )  # fmt: skip
-        await self._db.commit()
         self.agents_changed += 1
 
+    @transaction
     async def set_key_state(self, host_id: str, key_state: str) -> None:
         await self._db.execute(
             "UPDATE agents SET key_state = ? WHERE host_id = ?", key_state, host_id
         )
-        await self._db.commit()
         self.agents_changed += 1
 
+    @transaction
     async def remove_agent(self, host_id: str) -> bool:
         """Forget a host and its key (it may enroll again, with a new key); False if unknown."""
         removed = await self._db.execute("DELETE FROM agents WHERE host_id = ?", host_id)
-        await self._db.commit()
         self.agents_changed += 1
         return removed > 0
 
+    @transaction
     async def set_agent(
         self, host_id: str, *, state: str | None = None, overwrite: bool | None = None
     ) -> bool:
@@ -161,6 +162,5 @@ class AgentTable(Table):
             "WHERE host_id = ?",
             state, None if overwrite is None else int(overwrite), host_id,
         )  # fmt: skip
-        await self._db.commit()
         self.agents_changed += 1
         return changed > 0

@@ -16,7 +16,9 @@ they were written in.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 from coordinator.store.db import Db, Row
 from shared.errors import UserError
@@ -138,21 +140,20 @@ VERSION = 2
 async def migrate(db: Db) -> int:
     """Bring the schema to `VERSION` (in one transaction, under `db.lock_schema`); the
     version it was at. Refuses a database newer than this code."""
-    await db.lock_schema()
-    found = await _version(db)
-    if found > VERSION:
-        await db.rollback()
-        raise UserError(
-            "--db",
-            f"the store's schema is version {found}, newer than this lockstep's {VERSION}: "
-            "upgrade lockstep",
-        )
-    for migration in MIGRATIONS[db.dialect][found:]:
-        await migration(db)
-    if found < VERSION:
-        await db.execute("DELETE FROM schema_version")
-        await db.execute("INSERT INTO schema_version (version) VALUES (?)", VERSION)
-    await db.commit()
+    async with db.transaction():
+        await db.lock_schema()
+        found = await _version(db)
+        if found > VERSION:
+            raise UserError(
+                "--db",
+                f"the store's schema is version {found}, newer than this lockstep's "
+                f"{VERSION}: upgrade lockstep",
+            )
+        for migration in MIGRATIONS[db.dialect][found:]:
+            await migration(db)
+        if found < VERSION:
+            await db.execute("DELETE FROM schema_version")
+            await db.execute("INSERT INTO schema_version (version) VALUES (?)", VERSION)
     return found
 
 
@@ -166,6 +167,26 @@ async def _statements(db: Db, text: str) -> None:
     for statement in text.split(";"):
         if statement.strip():
             await db.execute(statement)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T", bound="Table")
+
+
+def transaction(
+    method: Callable[Concatenate[T, P], Awaitable[R]],
+) -> Callable[Concatenate[T, P], Awaitable[R]]:
+    """A store method that writes: its statements are one transaction of its own, alone
+    on the connection, committed (fenced) when it returns, rolled back if it raises
+    (`Db.transaction`)."""
+
+    @functools.wraps(method)
+    async def run(self: T, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        async with self._db.transaction():
+            return await method(self, *args, **kwargs)
+
+    return run
 
 
 class Table:

@@ -13,7 +13,7 @@ import json
 import time
 
 from coordinator.records import Registered, Release
-from coordinator.store.base import Table
+from coordinator.store.base import Table, transaction
 from shared.errors import UserError
 from shared.specs import ServiceVersion
 
@@ -29,6 +29,7 @@ class CatalogTable(Table):
         specs = [ServiceVersion.model_validate_json(r["spec"]) for r in rows]
         return {s.key: s for s in specs}
 
+    @transaction
     async def register(self, versions: list[ServiceVersion]) -> list[Registered]:
         """Add `versions` all or none; identical ones are no-ops, changed ones refused."""
         known = {
@@ -57,7 +58,6 @@ class CatalogTable(Table):
             " VALUES (?, ?, ?, ?, ?)",
             [(s.name, s.version, s.model_dump_json(), digest(s), now) for s in new],
         )
-        await self._db.commit()
         return results
 
     async def current_release(self) -> tuple[int | None, dict[str, str]]:

@@ -7,14 +7,16 @@ The tables' SQL is written once, in SQLite's dialect with `?` placeholders;
 `coordinator.store.postgres` translates the few spellings PostgreSQL has its own
 words for.
 
-Both behave like Python's sqlite3: a write opens a transaction, `commit` ends it, and
-a statement that fails (or a lost connection) rolls back the whole transaction it was
-part of, so a caller's half-written transaction can never be committed by whoever
-commits next (PostgreSQL refuses anything after a failed statement anyway). Both are
-used by many coroutines at once, each call whole, so one transaction may hold the
-writes of several store methods; a method whose writes were rolled back that way
-learns it at its `commit` (`StoreUnavailable`, transient: the delivery it was
-handling is requeued), never from a commit that silently saved nothing.
+Transactions: every store method that writes runs in `transaction()` (the
+`coordinator.store.base.transaction` decorator), one at a time: the connection is
+shared by many coroutines, and while one method's transaction is open no other
+coroutine's statement runs on it (it waits its turn), so a transaction holds the
+writes of that one method only, and nobody reads them before they are committed. The
+method's statements are committed together when it returns, and rolled back together
+if it raises (a failed statement, a lost connection, `Fenced`): no half-written
+method is ever saved, and its caller always learns of the failure. A statement outside
+any transaction (a read, mostly) also waits for its turn, and a write there commits
+at once.
 
 Fencing (SPEC 5, issue 10): once a coordinator holds the lease (`coordinator.lease`)
 its epoch is set here (`fence`), and every commit first checks, inside the same
@@ -27,18 +29,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import sqlite3
-import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import aiosqlite
 
 from shared.errors import Fenced, StoreUnavailable
-
-LOST_KEPT = 1000
-"""How many rolled-back transactions are remembered (their writers commit soon after)."""
 
 
 class Row(Protocol):
@@ -53,79 +52,90 @@ class Db(abc.ABC):
     dialect: str
     now_sql: str
     """The database's clock in SQL, as Unix seconds (the lease is judged by it)."""
+    fence_sql = "SELECT epoch FROM lease WHERE name = 'coordinator'"
 
     def __init__(self) -> None:
         self.epoch: int | None = None
         """The lease epoch every commit is conditional on (None: not fenced)."""
         self.on_fenced: Callable[[], None] | None = None
-        self._open = 0
-        """The number of the transaction open now (0: none)."""
-        self._numbered = 0
-        self._lost: set[int] = set()
-        """Transactions rolled back by a failure (the newest LOST_KEPT)."""
-        self._joined: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = (
-            weakref.WeakKeyDictionary()
-        )
-        """The transaction each task last ran a statement in."""
-
-    def _joins(self, in_transaction: bool) -> None:
-        """After a statement: the calling task took part in the open transaction."""
-        if not in_transaction:
-            return
-        if not self._open:
-            self._numbered += 1
-            self._open = self._numbered
-        task = asyncio.current_task()
-        if task is not None:
-            self._joined[task] = self._open
-
-    def _ends(self, *, lost: bool) -> None:
-        """The open transaction was committed, or (`lost`) rolled back."""
-        if self._open and lost:
-            self._lost.add(self._open)
-            if len(self._lost) > LOST_KEPT:
-                self._lost.discard(min(self._lost))
-        self._open = 0
+        self._turn = asyncio.Lock()
+        self._owner: asyncio.Task[Any] | None = None
+        """The task whose transaction is open (its statements need no turn)."""
 
     def fence(self, epoch: int | None, on_fenced: Callable[[], None] | None = None) -> None:
         """Make every later commit conditional on the lease's `epoch`; `on_fenced` is
         called when one is refused."""
         self.epoch, self.on_fenced = epoch, on_fenced
 
-    @abc.abstractmethod
-    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """The calling task's statements, alone on the connection, committed (fenced)
+        when the block ends, rolled back if it raises. Inside another transaction of
+        the same task, part of that one."""
+        task = asyncio.current_task()
+        if task is not None and task is self._owner:
+            yield
+            return
+        async with self._turn:
+            self._owner = task
+            try:
+                try:
+                    yield
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await self.rollback()
+                    raise
+                await self.commit()
+            finally:
+                self._owner = None
 
-    @abc.abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._statement():
+            return await self._fetch(sql, *args)
+
     async def execute(self, sql: str, *args: Any) -> int:
         """Run one statement; the number of rows it changed."""
+        async with self._statement():
+            return await self._execute(sql, *args)
 
-    @abc.abstractmethod
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        async with self._statement():
+            await self._executemany(sql, rows)
 
     async def insert(self, sql: str, *args: Any) -> int:
         """Run an INSERT that ends `RETURNING id`; the new row's id."""
         rows = await self.fetch(sql, *args)
         return int(rows[0]["id"])
 
+    @contextlib.asynccontextmanager
+    async def _statement(self) -> AsyncIterator[None]:
+        """One statement: in the caller's transaction, or, outside one, in its own turn
+        (a write there committed at once, a failure rolled back)."""
+        task = asyncio.current_task()
+        if task is not None and task is self._owner:
+            yield
+            return
+        async with self._turn:
+            try:
+                yield
+            except BaseException:
+                if self.in_transaction:
+                    with contextlib.suppress(Exception):
+                        await self.rollback()
+                raise
+            if self.in_transaction:
+                await self.commit()
+
     async def commit(self) -> None:
         """End the open transaction, if any: refused (`Fenced`, rolled back) when the
-        lease moved past `epoch`; `StoreUnavailable` if the calling task's writes were
-        in a transaction that a failure rolled back."""
-        task = asyncio.current_task()
-        joined = self._joined.pop(task, None) if task is not None else None
-        if joined is not None and joined in self._lost:
-            raise StoreUnavailable(
-                "this write's transaction was rolled back (a statement failed, or the "
-                "connection was lost): nothing of it was saved"
-            )
-        if not self.in_transaction:
-            return
-        await self._fenced_commit()
+        lease moved past `epoch`."""
+        if self.in_transaction:
+            await self._fenced_commit()
 
     async def _fenced_commit(self) -> None:
         """Check the epoch in the open transaction, then commit it (or roll it back)."""
         if self.epoch is not None:
-            rows = await self.fetch(self.fence_sql)
+            rows = await self._fetch(self.fence_sql)
             held = rows[0]["epoch"] if rows else None
             if held != self.epoch:
                 await self.rollback()
@@ -138,7 +148,14 @@ class Db(abc.ABC):
             self.on_fenced()
         raise Fenced(self.epoch, held)
 
-    fence_sql = "SELECT epoch FROM lease WHERE name = 'coordinator'"
+    @abc.abstractmethod
+    async def _fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def _execute(self, sql: str, *args: Any) -> int: ...
+
+    @abc.abstractmethod
+    async def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
 
     @property
     @abc.abstractmethod
@@ -152,7 +169,7 @@ class Db(abc.ABC):
 
     @abc.abstractmethod
     async def lock_schema(self) -> None:
-        """Open a transaction that holds the schema alone until it ends (migrations)."""
+        """Inside a transaction: hold the schema alone until it ends (migrations)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -177,31 +194,25 @@ class SqliteDb(Db):
         await db.execute("PRAGMA busy_timeout=10000")  # a standby on the same file
         return cls(db)
 
-    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+    async def _fetch(self, sql: str, *args: Any) -> list[Row]:
         try:
             rows: list[Row] = list(await self._db.execute_fetchall(sql, args))
         except Exception as e:
-            await self.rollback()
             raise _translated(e) from e
-        self._joins(self._db.in_transaction)
         return rows
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    async def _execute(self, sql: str, *args: Any) -> int:
         try:
             cursor = await self._db.execute(sql, args)
         except Exception as e:
-            await self.rollback()
             raise _translated(e) from e
-        self._joins(self._db.in_transaction)
         return cursor.rowcount
 
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    async def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
             await self._db.executemany(sql, rows)
         except Exception as e:
-            await self.rollback()
             raise _translated(e) from e
-        self._joins(self._db.in_transaction)
 
     @property
     def in_transaction(self) -> bool:
@@ -211,16 +222,15 @@ class SqliteDb(Db):
         try:
             await self._db.commit()
         except Exception as e:
-            await self.rollback()
+            with contextlib.suppress(Exception):
+                await self._db.rollback()
             raise _translated(e) from e
-        self._ends(lost=False)
 
     async def rollback(self) -> None:
         await self._db.rollback()
-        self._ends(lost=True)
 
     async def lock_schema(self) -> None:
-        await self.execute("BEGIN IMMEDIATE")
+        await self._execute("BEGIN IMMEDIATE")
 
     async def close(self) -> None:
         await self._db.close()

@@ -17,12 +17,14 @@ from typing import Any
 from coordinator import outcome
 from coordinator.deployment import TERMINAL, Deployment, Participant, from_dict, header_json
 from coordinator.records import DeploymentRecord
+from coordinator.store.base import transaction
 from coordinator.store.catalog import CatalogTable
 from coordinator.store.db import Row
 from coordinator.store.events import EventLog
 
 
 class DeploymentTable(CatalogTable, EventLog):
+    @transaction
     async def save_deployment(
         self,
         machine: Deployment,
@@ -52,7 +54,6 @@ class DeploymentTable(CatalogTable, EventLog):
             await self._db.execute("DELETE FROM timers WHERE deployment_id = ?", machine.id)
             await self._finish_release(machine.id, phase)
         await self._add_events(machine.id, events)
-        await self._db.commit()
 
     async def _write_participants(
         self, machine: Deployment, changed: Sequence[Participant] | None
@@ -118,6 +119,7 @@ class DeploymentTable(CatalogTable, EventLog):
         if decided.marks_bad is not None:
             await self._set_release_state(decided.marks_bad, "bad")
 
+    @transaction
     async def queue_deployment(
         self,
         *,
@@ -146,8 +148,8 @@ class DeploymentTable(CatalogTable, EventLog):
             kind,
             requested_by,
         )
-        await self._db.commit()
 
+    @transaction
     async def start_deployment(
         self,
         *,
@@ -178,7 +180,6 @@ class DeploymentTable(CatalogTable, EventLog):
         )
         await self._write_participants(machine, None)
         await self._add_events(deployment_id, [(f"deployment.{machine.phase}", {})])
-        await self._db.commit()
 
     async def deadlines(self, deployment_id: str) -> dict[str, float]:
         """When each timer the deployment started fires (token -> time), as saved."""

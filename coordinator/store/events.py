@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from coordinator.records import EventRecord
-from coordinator.store.base import Table
+from coordinator.store.base import Table, transaction
 
 
 class EventLog(Table):
@@ -25,11 +25,11 @@ class EventLog(Table):
             [(now, kind, deployment_id, json.dumps(data)) for kind, data in events],
         )
 
+    @transaction
     async def add_events(
         self, deployment_id: str | None, events: list[tuple[str, dict[str, Any]]]
     ) -> None:
         await self._add_events(deployment_id, events)
-        await self._db.commit()
 
     async def events(self, after: int = 0, limit: int = 1000) -> list[EventRecord]:
         rows = await self._rows(

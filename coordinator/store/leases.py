@@ -12,7 +12,7 @@ epoch. Every other table's commits check the epoch (`coordinator.store.db`).
 from __future__ import annotations
 
 from coordinator.records import LeaseRecord
-from coordinator.store.base import Table
+from coordinator.store.base import Table, transaction
 
 
 class LeaseTable(Table):
@@ -27,6 +27,7 @@ class LeaseTable(Table):
             float(row["since"]), float(row["expires_at"]), float(row["now"]),
         )  # fmt: skip
 
+    @transaction
     async def take_lease(self, holder: str, host: str, pid: int, ttl: float) -> int | None:
         """The next epoch, if the lease had expired (or was released) and is now
         `holder`'s for `ttl` seconds; None while another coordinator holds it."""
@@ -37,9 +38,9 @@ class LeaseTable(Table):
             " RETURNING epoch",
             holder, host, pid, ttl,
         )  # fmt: skip
-        await self._db.commit()
         return int(rows[0]["epoch"]) if rows else None
 
+    @transaction
     async def renew_lease(self, epoch: int, holder: str, ttl: float) -> bool:
         """Extend `holder`'s lease by `ttl` from now; False if it was taken over."""
         now = self._db.now_sql
@@ -48,9 +49,9 @@ class LeaseTable(Table):
             " AND epoch = ? AND holder = ? RETURNING epoch",
             ttl, epoch, holder,
         )  # fmt: skip
-        await self._db.commit()
         return bool(rows)
 
+    @transaction
     async def release_lease(self, epoch: int, holder: str) -> None:
         """Give the lease up at once (a standby need not wait for it to expire)."""
         await self._db.execute(
@@ -58,4 +59,3 @@ class LeaseTable(Table):
             " AND holder = ?",
             epoch, holder,
         )  # fmt: skip
-        await self._db.commit()

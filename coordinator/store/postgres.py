@@ -5,7 +5,8 @@ the extra `lockstep[postgres]`. Any query parameter of the URL that asyncpg does
 know is a server setting (`?search_path=mine` keeps a test's tables in a schema of its
 own). The store's SQL is SQLite's; `translate` rewrites the few spellings PostgreSQL
 has other words for, once per statement. One connection, used by one call at a time;
-a write opens a transaction and `commit` ends it, as in SQLite. The fence takes the
+a write opens a transaction and `commit` ends it, as in SQLite (each store method's
+transaction is alone on the connection: `coordinator.store.db`). The fence takes the
 lease row `FOR SHARE`, so a takeover (which updates that row) waits for a commit that
 passed the check, and every later commit of the former leader sees the new epoch.
 
@@ -62,9 +63,7 @@ class PostgresDb(Db):
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            if self._tx is not None:  # that transaction died with its connection
-                self._tx = None
-                self._ends(lost=True)
+            self._tx = None  # a transaction open on it died with it
             try:
                 self._conn = await asyncpg.connect(
                     self.url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
@@ -84,28 +83,25 @@ class PostgresDb(Db):
                     await self._tx.start()
                 result = await call(conn)
             except LOST as e:
-                if self._tx is not None:
-                    self._tx = None
-                    self._ends(lost=True)
+                self._tx = None
                 await _close(conn)
                 raise StoreUnavailable(f"PostgreSQL: {e}") from e
             except BaseException:
                 await self._rollback(conn)
                 raise
-            self._joins(self._tx is not None)
             return result
 
-    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+    async def _fetch(self, sql: str, *args: Any) -> list[Row]:
         text = translate(sql)
         return list(await self._run(_writes(text), lambda c: c.fetch(text, *args)))
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    async def _execute(self, sql: str, *args: Any) -> int:
         text = translate(sql)
         status = await self._run(True, lambda c: c.execute(text, *args))
         count = str(status).rsplit(" ", 1)[-1]
         return int(count) if count.isdigit() else 0
 
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    async def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         text, args = translate(sql), list(rows)
         if args:
             await self._run(True, lambda c: c.executemany(text, args))
@@ -135,14 +131,8 @@ class PostgresDb(Db):
 
     async def _end(self, _: asyncpg.Connection) -> None:
         tx, self._tx = self._tx, None
-        if tx is None:
-            return
-        try:
+        if tx is not None:
             await tx.commit()
-        except BaseException:  # perhaps committed, perhaps not: its writers are told
-            self._ends(lost=True)
-            raise
-        self._ends(lost=False)
 
     async def rollback(self) -> None:
         async with self._lock:
@@ -153,7 +143,6 @@ class PostgresDb(Db):
         tx, self._tx = self._tx, None
         if tx is None:
             return
-        self._ends(lost=True)
         if not conn.is_closed():
             try:
                 await tx.rollback()
@@ -161,7 +150,7 @@ class PostgresDb(Db):
                 await _close(conn)
 
     async def lock_schema(self) -> None:
-        await self.execute("SELECT pg_advisory_xact_lock(?)", SCHEMA_LOCK)
+        await self._execute("SELECT pg_advisory_xact_lock(?)", SCHEMA_LOCK)
 
     async def close(self) -> None:
         async with self._lock:

@@ -87,6 +87,7 @@ class Link:
         self._share = share
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
+        self._renewing = asyncio.Lock()
         self._exchanges: dict[str, AbstractExchange] = {}
         self.queues: list[AbstractQueue] = []  # strong refs: robust objects are weak-held
         """Every queue consumed, kept alive (and closed with a shared connection)."""
@@ -130,13 +131,14 @@ class Link:
         was killed, the coordinator's channel had every publish to that queue nacked for
         90 s, though the queue had a new leader within 20 s and a new connection's
         publishes to it were confirmed."""
-        old = self._publish_channel
-        if old is not nacked:
-            return  # renewed already, by another publish nacked on the same channel
-        self._publish_channel = await self.connection_or_fail().channel(
-            publisher_confirms=True, on_return_raises=True
-        )
-        self._exchanges.clear()  # they were bound to the old channel
+        async with self._renewing:
+            old = self._publish_channel
+            if old is not nacked:
+                return  # renewed already, by another publish nacked on the same channel
+            self._publish_channel = await self.connection_or_fail().channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._exchanges.clear()  # they were bound to the old channel
         if old is not None:
             with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
                 await old.close()

@@ -202,6 +202,7 @@ class Consumer:
                 self._log.warning("consume.reply_failed", error=str(e),
                                   message_id=message.message_id)  # fmt: skip
                 if not auto_ack:
+                    await asyncio.sleep(1.0)  # as for a handler's transient failure
                     await message.nack(requeue=True)
                 return
         if not auto_ack:

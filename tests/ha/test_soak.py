@@ -19,4 +19,5 @@ def test_a_short_ha_soak_keeps_every_invariant_and_loses_nothing() -> None:
     print(run.summary())
     assert run.deployments == 8
     assert run.faults == 8
+    assert {"ha.failover", "ha.node_kill", "ha.postgres_restart"} <= set(run.kinds)
     assert run.passed, run.summary()

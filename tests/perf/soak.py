@@ -86,6 +86,8 @@ class Soak:
         self.faults_to_draw = HA_FAULTS if ha else FAULTS
         self.current = GOOD[0]
         self.deployments = self.faults = self.violations = self.lost = self.duplicates = 0
+        self.kinds: Counter[str] = Counter()
+        """How many times each fault was injected."""
         self.last_id = ""
         self.tapped: list[tuple[str, bytes]] = []
 
@@ -108,6 +110,7 @@ class Soak:
         fault = self.rng.choice(self.faults_to_draw) if self.rng.random() < fault_rate else None
         if fault:
             self.faults += 1
+            self.kinds[fault] += 1
         start = dict(self.current)
         deployment_id = self._run(target, fault)
         self.deployments += 1
@@ -200,10 +203,10 @@ class Soak:
         status = wait_until(lambda: (r := self.fleet.cli("status", "--json")).code == 0 and r,
                             60, "a coordinator to answer")  # fmt: skip
         active = (status.doc.get("coordinator") or {}).get("pid")
-        for proc in self.ha.coordinators:
-            if proc.pid == active:
-                kill_group(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        killed = [p for p in self.ha.coordinators if p.pid == active]
+        assert killed, f"the active coordinator {active} is none of those started"
+        kill_group(killed[0].pid, signal.SIGKILL)
+        killed[0].wait(10)
         self.ha.coordinators = [p for p in self.ha.coordinators if p.poll() is None]
         start_standby(self.fleet, self.ha)
 
