@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -64,6 +63,7 @@ from shared.messages import (
 )
 from shared.tasks import TaskGroup
 from shared.transport import Broker, Delivery, cluster
+from shared.transport.connection import safe_url
 
 CONCURRENT = 64
 """Deliveries handled at once: reports of one deployment that arrive together are then
@@ -141,7 +141,7 @@ class Coordinator:
         watch = Watch(self.store, self.liveness, self.settings, self.intake, announce.emit,
                       self.reactions.tell)  # fmt: skip
         self._tasks.spawn(watch.run(), "watch", forever=True)
-        self._log.info("coordinator.started", db=_shown(self.db_path))
+        self._log.info("coordinator.started", db=safe_url(str(self.db_path)))
 
     async def stop(self) -> None:
         """Stop (also after a `start` that failed part way)."""
@@ -244,7 +244,3 @@ async def serve(
         await leadership.release()
         await leases.close()
 
-
-def _shown(db: str | Path) -> str:
-    """`db` as logged: a URL without its password."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", str(db))

@@ -21,8 +21,5 @@ def fleet(tmp_path: Path, procs: Procs, lockstep_env: dict[str, str]) -> Fleet:
 @pytest.fixture
 def three_hosts(fleet: Fleet) -> Fleet:
     """payments on host-a and host-c, orders on host-b and host-c (host-c runs both)."""
-    fleet.add_host("host-a", pay="yes")
-    fleet.add_host("host-b", web="yes")
-    fleet.add_host("host-c", pay="yes", web="yes")
-    fleet.wait_alive("host-a", "host-b", "host-c")
+    fleet.add_three_hosts()
     return fleet

@@ -84,6 +84,21 @@ class Fleet:
                        "the coordinator to answer")  # fmt: skip
         return self.coordinator
 
+    def start_standby(self, log: str) -> subprocess.Popen[bytes]:
+        """One more coordinator on the same `self.db`, left as `self.coordinator` is
+        (it waits for the lease while another holds it)."""
+        active = self.coordinator
+        proc = self.start_coordinator(log=log, wait=False)
+        self.coordinator = active or proc
+        return proc
+
+    def add_three_hosts(self) -> None:
+        """payments on host-a and host-c, orders on host-b and host-c (host-c runs both)."""
+        self.add_host("host-a", pay="yes")
+        self.add_host("host-b", web="yes")
+        self.add_host("host-c", pay="yes", web="yes")
+        self.wait_alive("host-a", "host-b", "host-c")
+
     def kill_coordinator(self) -> None:
         assert self.coordinator is not None
         kill_group(self.coordinator.pid, signal.SIGKILL)
@@ -193,6 +208,16 @@ class Fleet:
         result = self.cli("register", str(spec), "--json")
         assert result.code == 0, result.stderr
         return spec
+
+    def deploy_mid_commit(self, *pairs: str) -> str:
+        """Deploy `pairs` one host at a time and return once a first host switched (the
+        decision on record, the commits under way); the deployment's id."""
+        sent = self.cli("deploy", *pairs, "--max-parallel", "1", "--json")
+        assert sent.code == 0, sent.stdout + sent.stderr
+        wanted = dict(p.split("=", 1) for p in pairs)
+        wait_until(lambda: any(wanted.get(s) == v for (_, s), v in self.running().items()), 60,
+                   "a first host to switch (mid-commit)")  # fmt: skip
+        return str(sent.doc["deployment_id"])
 
     def deploy(self, *pairs: str, flags: tuple[str, ...] = ()) -> Result:
         return self.cli("deploy", *pairs, "--wait", "--json", *flags)

@@ -23,20 +23,8 @@ from tests.e2e.fleet import Fleet
 from tests.faults.invariants import check, settled
 from tests.faults.test_protocol import V1, V2, baseline
 from tests.support.cluster import Cluster
-from tests.support.procs import wait_until
 
 pytestmark = [pytest.mark.ha, pytest.mark.e2e]
-
-PLACES = (("host-a", "payments"), ("host-b", "orders"), ("host-c", "orders"),
-          ("host-c", "payments"))  # fmt: skip
-
-
-def _hosts(fleet: Fleet) -> Fleet:
-    fleet.add_host("host-a", pay="yes")
-    fleet.add_host("host-b", web="yes")
-    fleet.add_host("host-c", pay="yes", web="yes")
-    fleet.wait_alive("host-a", "host-b", "host-c")
-    return fleet
 
 
 @contextlib.contextmanager
@@ -53,12 +41,9 @@ def _kill_mid_commit(fleet: Fleet, cluster: Cluster, node: int) -> None:
     """Deploy v2 one host at a time; SIGKILL `node` once a first host switched and
     before the last did; the deployment ends and I1-I5 hold."""
     baseline(fleet)
-    sent = fleet.cli("deploy", "orders=2.0.0", "payments=2.0.0", "--max-parallel", "1", "--json")
-    assert sent.code == 0, sent.stdout + sent.stderr
-    wait_until(lambda: any(fleet.http_version(h, s) == "2.0.0" for h, s in PLACES), 60,
-               "a first host to switch (mid-commit)")  # fmt: skip
+    deployment_id = fleet.deploy_mid_commit("orders=2.0.0", "payments=2.0.0")
     with _down(cluster, node):
-        row = settled(fleet, sent.doc["deployment_id"], timeout=90)
+        row = settled(fleet, deployment_id, timeout=90)
         assert row["state"] == "completed", row
         check(fleet, row, V1, V2)
 
@@ -107,7 +92,7 @@ def test_the_node_leading_the_coordinator_queue_killed_mid_commit(
     cluster_fleet: tuple[Fleet, str], rabbit_cluster: Cluster
 ) -> None:
     fleet, vhost = cluster_fleet
-    _hosts(fleet)
+    fleet.add_three_hosts()
     node = rabbit_cluster.leader(vhost, topology.COORDINATOR_QUEUE)
     _kill_mid_commit(fleet, rabbit_cluster, node)
 
@@ -116,7 +101,7 @@ def test_a_node_leading_an_agent_queue_killed_mid_commit(
     cluster_fleet: tuple[Fleet, str], rabbit_cluster: Cluster
 ) -> None:
     fleet, vhost = cluster_fleet
-    _hosts(fleet)
+    fleet.add_three_hosts()
     coordinator = rabbit_cluster.leader(vhost, topology.COORDINATOR_QUEUE)
     leaders = {h: rabbit_cluster.leader(vhost, topology.agent_queue_name(h)) for h in fleet.hosts}
     # a node that leads an agent's queue, and not the coordinator's if there is one

@@ -20,7 +20,7 @@ from tests.e2e.fleet import Fleet
 from tests.faults.invariants import check, settled
 from tests.faults.test_protocol import V1, V2, baseline, newest, start_v2
 from tests.ha.conftest import logged
-from tests.support.procs import kill_group, wait_until
+from tests.support.procs import kill_group
 from tests.support.tap import doc, tap
 
 pytestmark = [pytest.mark.ha, pytest.mark.e2e]
@@ -29,20 +29,10 @@ TAKEOVER_TARGET = 5.0
 """Issue 10: from the active coordinator's SIGKILL to the first action of the new one."""
 
 
-def _hosts(fleet: Fleet) -> Fleet:
-    fleet.add_host("host-a", pay="yes")
-    fleet.add_host("host-b", web="yes")
-    fleet.add_host("host-c", pay="yes", web="yes")
-    fleet.wait_alive("host-a", "host-b", "host-c")
-    return fleet
-
-
 def _standby(fleet: Fleet, log: str = "coordinator-b.log") -> int:
     """Start a second coordinator on the same store; its pid once it says it waits."""
-    active = fleet.coordinator
-    proc = fleet.start_coordinator(log=log, wait=False)
+    proc = fleet.start_standby(log)
     logged(fleet, log, "coordinator.standby")
-    fleet.coordinator = active
     return proc.pid
 
 
@@ -67,7 +57,8 @@ def test_two_coordinators_on_one_store_status_names_the_one_active(ha_fleet: Fle
 def test_killing_the_active_one_lets_a_queued_deploy_proceed_within_the_takeover_target(
     ha_fleet: Fleet,
 ) -> None:
-    fleet = _hosts(ha_fleet)
+    fleet = ha_fleet
+    fleet.add_three_hosts()
     baseline(fleet)
     standby = _standby(fleet)
     assert fleet.coordinator is not None
@@ -98,7 +89,8 @@ def test_killing_the_active_one_lets_a_queued_deploy_proceed_within_the_takeover
 def test_the_active_one_killed_mid_prepare_or_mid_commit_the_standby_ends_it_as_spec_6_5_says(
     ha_fleet: Fleet, point: str, flags: tuple[str, ...], outcome: str
 ) -> None:
-    fleet = _hosts(ha_fleet)
+    fleet = ha_fleet
+    fleet.add_three_hosts()
     baseline(fleet)
     assert fleet.coordinator is not None
     kill_group(fleet.coordinator.pid, signal.SIGKILL)
@@ -121,32 +113,27 @@ async def test_a_stalled_former_leader_is_fenced_and_sends_nothing(
     in its consumer. It sends nothing (no command, no event carries its name), learns
     it lost the lease (a refused write or a refused renewal, whichever comes first),
     steps down; the deployment completes and I1-I5 hold."""
-    fleet = _hosts(ha_fleet)
+    fleet = ha_fleet
+    await asyncio.to_thread(fleet.add_three_hosts)
     await asyncio.to_thread(baseline, fleet)
     stalled = fleet.coordinator
     assert stalled is not None
     await asyncio.to_thread(_standby, fleet)
     name = f"coordinator:{socket.gethostname()}:{stalled.pid}"
-    places = (("host-a", "payments"), ("host-b", "orders"), ("host-c", "orders"),
-              ("host-c", "payments"))  # fmt: skip
     async with (
         tap(amqp_url, topology.COMMANDS) as commands,
         tap(amqp_url, topology.EVENTS) as events,
     ):
-        result = await asyncio.to_thread(
-            fleet.cli, "deploy", "orders=2.0.0", "payments=2.0.0", "--max-parallel", "1", "--json"
+        deployment_id = await asyncio.to_thread(
+            fleet.deploy_mid_commit, "orders=2.0.0", "payments=2.0.0"
         )
-        assert result.code == 0, result.stderr
-        await asyncio.to_thread(wait_until, lambda: any(
-            fleet.http_version(h, s) == "2.0.0" for h, s in places
-        ), 60, "a first host switched (mid-commit)")  # fmt: skip
         stalled.send_signal(signal.SIGSTOP)
         stopped_at = datetime.now(UTC)
         assert any(doc(b).get("sender") == name for _, b in commands), "the tap sees its name"
         await asyncio.to_thread(logged, fleet, "coordinator-b.log", "coordinator.started")
         stalled.send_signal(signal.SIGCONT)
         await asyncio.to_thread(logged, fleet, "coordinator-a.log", "coordinator.stepping_down")
-        row = await asyncio.to_thread(settled, fleet, result.doc["deployment_id"])
+        row = await asyncio.to_thread(settled, fleet, deployment_id)
         assert row["state"] == "completed", row
         await asyncio.to_thread(check, fleet, row, V1, V2)
         seen = [doc(b) for _, b in commands + events]

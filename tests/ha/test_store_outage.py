@@ -24,8 +24,6 @@ from tests.support.procs import Procs, wait_until
 
 pytestmark = [pytest.mark.ha, pytest.mark.e2e]
 
-PLACES = (("host-a", "payments"), ("host-b", "orders"), ("host-c", "orders"))
-
 
 @pytest.fixture
 def pg_fleet(
@@ -36,10 +34,7 @@ def pg_fleet(
         fleet.db = server.url
         try:
             fleet.start_coordinator()
-            for host, labels in (("host-a", {"pay": "yes"}), ("host-b", {"web": "yes"}),
-                                 ("host-c", {"pay": "yes", "web": "yes"})):  # fmt: skip
-                fleet.add_host(host, **labels)
-            fleet.wait_alive("host-a", "host-b", "host-c")
+            fleet.add_three_hosts()
             yield fleet, server
         finally:
             procs.stop_all()
@@ -50,10 +45,7 @@ def test_postgresql_restarted_mid_commit_the_coordinator_loses_no_decision(
 ) -> None:
     fleet, server = pg_fleet
     baseline(fleet)
-    sent = fleet.cli("deploy", "orders=2.0.0", "payments=2.0.0", "--max-parallel", "1", "--json")
-    assert sent.code == 0, sent.stdout + sent.stderr
-    wait_until(lambda: any(fleet.http_version(h, s) == "2.0.0" for h, s in PLACES), 60,
-               "a first host to switch (mid-commit: the decision is on record)")  # fmt: skip
+    deployment_id = fleet.deploy_mid_commit("orders=2.0.0", "payments=2.0.0")
     server.ctl("-m", "immediate", "stop")
     try:
         logged(fleet, "coordinator.log", "lease.store_lost")  # it stepped down
@@ -62,7 +54,7 @@ def test_postgresql_restarted_mid_commit_the_coordinator_loses_no_decision(
     log = fleet.root / "coordinator.log"
     wait_until(lambda: log.read_text().count('"coordinator.started"') == 2, 30,
                "the coordinator to start again, from the store")  # fmt: skip
-    row = settled(fleet, sent.doc["deployment_id"])
+    row = settled(fleet, deployment_id)
     assert row["state"] == "completed", row
     check(fleet, row, V1, V2)
 
@@ -72,12 +64,9 @@ def test_a_brief_postgresql_restart_is_ridden_out(pg_fleet: tuple[Fleet, postgre
     deliveries requeued), and the deployment completes."""
     fleet, server = pg_fleet
     baseline(fleet)
-    sent = fleet.cli("deploy", "orders=2.0.0", "payments=2.0.0", "--max-parallel", "1", "--json")
-    assert sent.code == 0, sent.stdout + sent.stderr
-    wait_until(lambda: any(fleet.http_version(h, s) == "2.0.0" for h, s in PLACES), 60,
-               "a first host to switch")  # fmt: skip
+    deployment_id = fleet.deploy_mid_commit("orders=2.0.0", "payments=2.0.0")
     server.restart()
-    row = settled(fleet, sent.doc["deployment_id"])
+    row = settled(fleet, deployment_id)
     assert row["state"] == "completed", row
     check(fleet, row, V1, V2)
     log = (fleet.root / "coordinator.log").read_text()

@@ -312,10 +312,7 @@ async def _drain(amqp_url: str) -> list[tuple[str, bytes]]:
 
 def start_standby(fleet: Fleet, ha: HA) -> None:
     """One more coordinator on the shared store; it waits until it holds the lease."""
-    active = fleet.coordinator
-    proc = fleet.start_coordinator(log=f"coordinator-{len(ha.coordinators) + 1}.log", wait=False)
-    fleet.coordinator = active or proc
-    ha.coordinators.append(proc)
+    ha.coordinators.append(fleet.start_standby(f"coordinator-{len(ha.coordinators) + 1}.log"))
 
 
 def run(deployments: int, fault_rate: float, seed: int, ha: bool) -> Soak:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+
+from tests.support.artifacts import free_port
 
 SERVER = os.environ.get("LOCKSTEP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
@@ -116,7 +117,7 @@ def private_server() -> Iterator[Server]:
         if os.geteuid() == 0:
             shutil.chown(data, "postgres")
         _as_postgres([_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"])
-        server = Server(data, _free_port())
+        server = Server(data, free_port())
         server.start()
         try:
             yield server
@@ -137,10 +138,3 @@ def _bin(name: str) -> str:
     if not found:
         raise RuntimeError(f"no PostgreSQL {name} under /usr/lib/postgresql")
     return str(found[-1])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
